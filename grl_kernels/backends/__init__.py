@@ -1,0 +1,27 @@
+"""Backends of the attention ops. Importing this package registers every backend."""
+from .registry import (
+    Backend,
+    BackendUnavailableError,
+    available_backends,
+    backend_info,
+    get_default_backend,
+    register_backend,
+    registered_backends,
+    resolve_backend,
+    set_default_backend,
+    use_backend,
+)
+from . import reference_backend  # noqa: F401  (registers "reference")
+
+__all__ = [
+    "Backend",
+    "BackendUnavailableError",
+    "available_backends",
+    "backend_info",
+    "get_default_backend",
+    "register_backend",
+    "registered_backends",
+    "resolve_backend",
+    "set_default_backend",
+    "use_backend",
+]
