@@ -1,0 +1,143 @@
+// grl_geometry.h -- the index math of GRL's anchored-stripe and window attention.
+//
+// ONE header shared by the CPU kernels (csrc/cpu) and the CUDA kernels (csrc/cuda);
+// it mirrors grl_kernels/geometry.py exactly (see GRL_ATTENTION_SPEC.md sections 1-3):
+//   * tokens are row-major on the (H, W) grid, anchors on the (H/f, W/f) grid;
+//   * partition = roll by (-shift) then cut into windows row-major, positions
+//     row-major inside a window; token window n pairs with anchor window n;
+//   * relative index of the stripe stages uses raw anchor-grid positions;
+//   * region ids label the ROLLED grid (band 0 / 1 / 2 per dimension, with the
+//     Python-slice quirk: shift 0 puts every position in band 2).
+// Plain C++ (no torch, no CUDA runtime); every function is host+device inline.
+#pragma once
+
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define GRL_HD __host__ __device__ __forceinline__
+#else
+#define GRL_HD inline
+#endif
+
+namespace grl {
+
+// The published mask constant (-100, not -inf) and F.normalize's epsilon.
+constexpr float kMaskValue = -100.0f;
+constexpr float kNormEps = 1e-12f;
+
+// Band of position `pos` along a dimension of `size` cut in windows of `window`
+// with cyclic shift `shift` (geometry.region_band).
+GRL_HD int region_band(int64_t pos, int64_t size, int64_t window, int64_t shift) {
+  if (shift == 0) return 2;  // "[-0:]" is the whole dimension
+  if (pos >= size - shift) return 2;
+  if (pos >= size - window) return 1;
+  return 0;
+}
+
+// floor-mod for the roll (values are already >= 0 here, kept general).
+GRL_HD int64_t wrap(int64_t v, int64_t n) {
+  int64_t r = v % n;
+  return r < 0 ? r + n : r;
+}
+
+struct StripeGeom {
+  int64_t H, W;          // token grid
+  int64_t sh, sw;        // stripe (window) size in tokens
+  int64_t shift_h, shift_w;
+  int64_t down;          // anchor down factor f
+  int64_t shifted;       // block's stripe_shift: masks only when != 0
+  // derived
+  int64_t ah, aw;        // anchor window = stripe / f
+  int64_t ash, asw;      // anchor shift = shift / f
+  int64_t Ha, Wa;        // anchor grid
+  int64_t n1, n2;        // tokens / anchors per window
+  int64_t windows_h, windows_w, num_windows;
+  int64_t table_h, table_w, table_rows;  // bias table (sh+ah-1) x (sw+aw-1)
+};
+
+GRL_HD StripeGeom make_stripe_geom(int64_t H, int64_t W, int64_t sh, int64_t sw, int64_t shift_h,
+                                   int64_t shift_w, int64_t down, int64_t shifted) {
+  StripeGeom g;
+  g.H = H; g.W = W; g.sh = sh; g.sw = sw; g.shift_h = shift_h; g.shift_w = shift_w;
+  g.down = down; g.shifted = shifted;
+  g.ah = sh / down; g.aw = sw / down;
+  g.ash = shift_h / down; g.asw = shift_w / down;
+  g.Ha = H / down; g.Wa = W / down;
+  g.n1 = sh * sw; g.n2 = g.ah * g.aw;
+  g.windows_h = H / sh; g.windows_w = W / sw; g.num_windows = g.windows_h * g.windows_w;
+  g.table_h = sh + g.ah - 1; g.table_w = sw + g.aw - 1; g.table_rows = g.table_h * g.table_w;
+  return g;
+}
+
+// Row-major image index of token j of window `win` (shift undone).
+GRL_HD int64_t stripe_token_position(const StripeGeom& g, int64_t win, int64_t j) {
+  const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
+  const int64_t y = j / g.sw, x = j % g.sw;
+  return wrap(wy * g.sh + y + g.shift_h, g.H) * g.W + wrap(wx * g.sw + x + g.shift_w, g.W);
+}
+
+// Row-major anchor-grid index of anchor i of window `win`.
+GRL_HD int64_t stripe_anchor_position(const StripeGeom& g, int64_t win, int64_t i) {
+  const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
+  const int64_t u = i / g.aw, v = i % g.aw;
+  return wrap(wy * g.ah + u + g.ash, g.Ha) * g.Wa + wrap(wx * g.aw + v + g.asw, g.Wa);
+}
+
+// Stage 2 (token j -> anchor i) bias row.
+GRL_HD int64_t stripe_w2a_index(const StripeGeom& g, int64_t j, int64_t i) {
+  const int64_t y = j / g.sw, x = j % g.sw, u = i / g.aw, v = i % g.aw;
+  return (y - u + g.ah - 1) * g.table_w + (x - v + g.aw - 1);
+}
+
+// Stage 1 (anchor i -> token j) bias row.
+GRL_HD int64_t stripe_a2w_index(const StripeGeom& g, int64_t i, int64_t j) {
+  const int64_t y = j / g.sw, x = j % g.sw, u = i / g.aw, v = i % g.aw;
+  return (u - y + g.sh - 1) * g.table_w + (v - x + g.sw - 1);
+}
+
+// Region id (3 * band_h + band_w) of token j of window `win` on the rolled grid.
+GRL_HD int stripe_token_region(const StripeGeom& g, int64_t win, int64_t j) {
+  const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
+  const int64_t row = wy * g.sh + j / g.sw, col = wx * g.sw + j % g.sw;
+  return 3 * region_band(row, g.H, g.sh, g.shift_h) + region_band(col, g.W, g.sw, g.shift_w);
+}
+
+// Region id of anchor i of window `win` on the rolled anchor grid.
+GRL_HD int stripe_anchor_region(const StripeGeom& g, int64_t win, int64_t i) {
+  const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
+  const int64_t row = wy * g.ah + i / g.aw, col = wx * g.aw + i % g.aw;
+  return 3 * region_band(row, g.Ha, g.ah, g.ash) + region_band(col, g.Wa, g.aw, g.asw);
+}
+
+struct WindowGeom {
+  int64_t H, W, ws, shift;  // shift = ws / 2 on shifted blocks, else 0 (mask only when > 0)
+  int64_t n, windows_h, windows_w, num_windows, table_side, table_rows;
+};
+
+GRL_HD WindowGeom make_window_geom(int64_t H, int64_t W, int64_t ws, int64_t shift) {
+  WindowGeom g;
+  g.H = H; g.W = W; g.ws = ws; g.shift = shift;
+  g.n = ws * ws; g.windows_h = H / ws; g.windows_w = W / ws; g.num_windows = g.windows_h * g.windows_w;
+  g.table_side = 2 * ws - 1; g.table_rows = g.table_side * g.table_side;
+  return g;
+}
+
+GRL_HD int64_t window_token_position(const WindowGeom& g, int64_t win, int64_t j) {
+  const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
+  const int64_t y = j / g.ws, x = j % g.ws;
+  return wrap(wy * g.ws + y + g.shift, g.H) * g.W + wrap(wx * g.ws + x + g.shift, g.W);
+}
+
+// Bias row of query j1 -> key j2.
+GRL_HD int64_t window_rel_index(const WindowGeom& g, int64_t j1, int64_t j2) {
+  const int64_t y1 = j1 / g.ws, x1 = j1 % g.ws, y2 = j2 / g.ws, x2 = j2 % g.ws;
+  return (y1 - y2 + g.ws - 1) * g.table_side + (x1 - x2 + g.ws - 1);
+}
+
+GRL_HD int window_token_region(const WindowGeom& g, int64_t win, int64_t j) {
+  const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
+  const int64_t row = wy * g.ws + j / g.ws, col = wx * g.ws + j % g.ws;
+  return 3 * region_band(row, g.H, g.ws, g.shift) + region_band(col, g.W, g.ws, g.shift);
+}
+
+}  // namespace grl

@@ -1,0 +1,115 @@
+"""Wall-clock timing and peak memory of a callable, on CPU or CUDA.
+
+Timing: warm-up calls, then ``reps`` timed calls (CUDA events on GPU, perf_counter
+on CPU, each call synchronized); we report the median and the min.
+Peak memory: on CUDA the caching allocator's ``max_memory_allocated`` above what
+was allocated before the call; on CPU the peak of live tensor storage created
+during the call, tracked by a dispatch mode (tensors allocated inside a fused
+C++ kernel and freed before it returns are not seen: for those it is a lower bound).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Callable, List
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    reps: int
+
+    def as_dict(self):
+        return {"median_ms": self.median_s * 1e3, "min_ms": self.min_s * 1e3, "reps": self.reps}
+
+
+def synchronize(device) -> None:
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device="cpu", reps: int = 10, warmup: int = 2,
+            max_seconds: float = float("inf")) -> Timing:
+    """Median and min wall time of ``fn()``; stops early once ``max_seconds`` have been spent."""
+    device = torch.device(device)
+    for _ in range(max(0, warmup)):
+        fn()
+    synchronize(device)
+    times: List[float] = []
+    spent = 0.0
+    use_events = device.type == "cuda"
+    for _ in range(max(1, reps)):
+        if use_events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+        if spent > max_seconds:
+            break
+    return Timing(statistics.median(times), min(times), len(times))
+
+
+class _LiveStorage(TorchDispatchMode):
+    """Counts bytes of tensor storages created while active, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen = {}
+
+    def _free(self, key, nbytes):
+        self.live -= nbytes
+        self._seen.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                try:
+                    st = t.untyped_storage()
+                except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+                    continue
+                key = st._cdata
+                if key in self._seen:
+                    continue
+                n = st.nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                self._seen[key] = weakref.finalize(st, self._free, key, n)
+        return out
+
+
+def peak_memory(fn: Callable[[], object], device="cpu") -> int:
+    """Peak bytes allocated during ``fn()`` above what was allocated before it (its result included)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return int(peak)
+    tracker = _LiveStorage()
+    with tracker:
+        out = fn()
+    del out
+    return int(tracker.peak)

@@ -1,0 +1,284 @@
+"""The GRL network (spec section 4), with a selectable attention backend.
+
+Same constructor keywords, module names and parameter shapes as the published
+code, so published checkpoints load (see :mod:`grl_kernels.models.checkpoint`).
+Unlike the published code, every block computes its geometry from its own
+stripe configuration and the actual size, so any input size works (spec section 6);
+on square inputs this gives exactly the published numbers.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backends.registry import _check_name
+from ..modules import AnchoredStripeAttention, WindowAttention
+from .layers import (
+    CONV_TYPES,
+    TransformerStage,
+    Upsample,
+    UpsampleOneStep,
+    bchw_to_blc,
+    blc_to_bchw,
+    build_last_conv,
+)
+
+UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
+INIT_METHODS = ("", "n", "r", "w", "x", "t", "fan_in")
+
+
+def _to_2tuple(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else (v, v)
+
+
+class GRL(nn.Module):
+    """GRL image restoration network.
+
+    Extra keyword beyond the published ones: ``backend`` (attention backend name for
+    every block, default: the package default). Unknown keywords raise TypeError,
+    except the published training-only ones (``fairscale_checkpoint``,
+    ``offload_to_cpu``) which are accepted and ignored.
+    """
+
+    def __init__(
+        self,
+        img_size=64,
+        in_channels=3,
+        out_channels=None,
+        embed_dim=96,
+        upscale=2,
+        img_range=1.0,
+        upsampler="",
+        depths=(6, 6, 6, 6, 6, 6),
+        num_heads_window=(3, 3, 3, 3, 3, 3),
+        num_heads_stripe=(3, 3, 3, 3, 3, 3),
+        window_size=8,
+        stripe_size=(8, 8),
+        stripe_groups=(None, None),
+        stripe_shift=False,
+        mlp_ratio=4.0,
+        qkv_bias=True,
+        qkv_proj_type="linear",
+        anchor_proj_type="avgpool",
+        anchor_one_stage=True,
+        anchor_window_down_factor=1,
+        out_proj_type="linear",
+        local_connection=False,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.1,
+        norm_layer=nn.LayerNorm,
+        pretrained_window_size=(0, 0),
+        pretrained_stripe_size=(0, 0),
+        conv_type="1conv",
+        init_method="n",
+        fairscale_checkpoint=False,
+        offload_to_cpu=False,
+        euclidean_dist=False,
+        separable_conv_act=False,
+        backend: Optional[str] = None,
+        **kwargs,
+    ):
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"GRL got unexpected keyword arguments {sorted(kwargs)}")
+        if backend is not None:
+            _check_name(backend)
+        if upsampler not in UPSAMPLERS:
+            raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
+        if conv_type not in CONV_TYPES:
+            raise ValueError(f"conv_type must be one of {CONV_TYPES}, got {conv_type!r}")
+        if out_proj_type != "linear":
+            raise ValueError(f"out_proj_type must be 'linear' (the only published option), got {out_proj_type!r}")
+        if euclidean_dist:
+            raise ValueError("euclidean_dist=True (an ablation of the paper) is not supported; GRL uses cosine attention")
+        if init_method not in INIT_METHODS:
+            raise ValueError(f"init_method must be one of {INIT_METHODS}, got {init_method!r}")
+        n = len(depths)
+        for name, v in (("num_heads_window", num_heads_window), ("num_heads_stripe", num_heads_stripe)):
+            if len(v) != n:
+                raise ValueError(f"{name} must have one entry per stage ({n} = len(depths)), got {list(v)}")
+        if upsampler == "nearest+conv" and upscale != 4:
+            raise ValueError(f"upsampler 'nearest+conv' supports upscale 4 only, got {upscale}")
+        stripe_size = [None if s is None else int(s) for s in stripe_size]
+        stripe_groups = [None if g is None else int(g) for g in stripe_groups]
+
+        out_channels = out_channels or in_channels
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        num_out_feats = 64
+        self.embed_dim = embed_dim
+        self.upscale = upscale
+        self.upsampler = upsampler
+        self.img_range = img_range
+        if in_channels == 3:
+            mean = torch.tensor((0.4488, 0.4371, 0.4040)).view(1, 3, 1, 1)
+        else:
+            mean = torch.zeros(1, 1, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+
+        max_stripe_size = max(0 if s is None else s for s in stripe_size)
+        max_stripe_groups = max(0 if g is None else g for g in stripe_groups) * anchor_window_down_factor
+        self.pad_size = max(window_size, max_stripe_size, max_stripe_groups)
+        self.input_resolution = _to_2tuple(img_size)
+        self.window_size = window_size
+        self.stripe_size = stripe_size
+        self.stripe_groups = stripe_groups
+        self.anchor_window_down_factor = anchor_window_down_factor
+
+        self.conv_first = nn.Conv2d(in_channels, embed_dim, 3, 1, 1)
+        self.norm_start = norm_layer(embed_dim)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depths))]
+        self.layers = nn.ModuleList()
+        for i in range(n):
+            self.layers.append(
+                TransformerStage(
+                    dim=embed_dim,
+                    input_resolution=self.input_resolution,
+                    depth=depths[i],
+                    num_heads_window=num_heads_window[i],
+                    num_heads_stripe=num_heads_stripe[i],
+                    window_size=window_size,
+                    stripe_size=stripe_size,
+                    stripe_groups=stripe_groups,
+                    stripe_shift=stripe_shift,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    qkv_proj_type=qkv_proj_type,
+                    anchor_proj_type=anchor_proj_type,
+                    anchor_one_stage=anchor_one_stage,
+                    anchor_window_down_factor=anchor_window_down_factor,
+                    drop=drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                    norm_layer=norm_layer,
+                    pretrained_window_size=pretrained_window_size,
+                    pretrained_stripe_size=pretrained_stripe_size,
+                    conv_type=conv_type,
+                    init_method=init_method,
+                    local_connection=local_connection,
+                    separable_conv_act=separable_conv_act,
+                    backend=backend,
+                )
+            )
+        self.norm_end = norm_layer(embed_dim)
+        self.conv_after_body = build_last_conv(conv_type, embed_dim)
+
+        if upsampler == "pixelshuffle":
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_out_feats, 3, 1, 1), nn.LeakyReLU(inplace=True))
+            self.upsample = Upsample(upscale, num_out_feats)
+            self.conv_last = nn.Conv2d(num_out_feats, out_channels, 3, 1, 1)
+        elif upsampler == "pixelshuffledirect":
+            self.upsample = UpsampleOneStep(upscale, embed_dim, out_channels)
+        elif upsampler == "nearest+conv":
+            self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, num_out_feats, 3, 1, 1), nn.LeakyReLU(inplace=True))
+            self.conv_up1 = nn.Conv2d(num_out_feats, num_out_feats, 3, 1, 1)
+            self.conv_up2 = nn.Conv2d(num_out_feats, num_out_feats, 3, 1, 1)
+            self.conv_hr = nn.Conv2d(num_out_feats, num_out_feats, 3, 1, 1)
+            self.conv_last = nn.Conv2d(num_out_feats, out_channels, 3, 1, 1)
+            self.lrelu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
+        else:
+            self.conv_last = nn.Conv2d(embed_dim, out_channels, 3, 1, 1)
+
+        self._init_method = init_method
+        self.apply(self._init_weights)
+
+    # ------------------------------------------------------------------
+    def _init_weights(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            if self._init_method == "w":
+                nn.init.kaiming_normal_(m.weight)
+            elif self._init_method == "x":
+                nn.init.xavier_normal_(m.weight)
+            else:
+                nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def attention_modules(self):
+        """Every AnchoredStripeAttention / WindowAttention inside the model."""
+        return [m for m in self.modules() if isinstance(m, (AnchoredStripeAttention, WindowAttention))]
+
+    def set_backend(self, backend: Optional[str]) -> "GRL":
+        """Select the attention backend of every block (None: the package default)."""
+        if backend is not None:
+            _check_name(backend)
+        for m in self.attention_modules():
+            m.backend = backend
+        return self
+
+    def check_image_size(self, x: torch.Tensor) -> torch.Tensor:
+        """Reflect-pad height and width up to a multiple of ``pad_size``."""
+        _, _, h, w = x.size()
+        ph = (self.pad_size - h % self.pad_size) % self.pad_size
+        pw = (self.pad_size - w % self.pad_size) % self.pad_size
+        if (ph >= h or pw >= w) and (ph or pw):
+            # reflect padding needs pad < size; replicate the image until it is large enough
+            x = self._pad_small(x, ph, pw)
+            return x
+        return F.pad(x, (0, pw, 0, ph), "reflect") if (ph or pw) else x
+
+    def _pad_small(self, x, ph, pw):
+        while ph or pw:
+            _, _, h, w = x.shape
+            sh, sw = min(ph, h - 1), min(pw, w - 1)
+            if sh == 0 and ph or sw == 0 and pw:
+                x = F.pad(x, (0, min(pw, 1) if sw == 0 else 0, 0, min(ph, 1) if sh == 0 else 0), "replicate")
+                ph -= min(ph, 1) if sh == 0 else 0
+                pw -= min(pw, 1) if sw == 0 else 0
+                continue
+            x = F.pad(x, (0, sw, 0, sh), "reflect")
+            ph, pw = ph - sh, pw - sw
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x_size = (x.shape[2], x.shape[3])
+        x = self.pos_drop(self.norm_start(bchw_to_blc(x)))
+        for layer in self.layers:
+            x = layer(x, x_size)
+        return blc_to_bchw(self.norm_end(x), x_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"input must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"input has {x.shape[1]} channels, the model expects in_channels = {self.in_channels}")
+        H, W = x.shape[2:]
+        x = self.check_image_size(x)
+        mean = self.mean.type_as(x)
+        x = (x - mean) * self.img_range
+        if self.upsampler == "pixelshuffle":
+            x = self.conv_first(x)
+            x = self.conv_after_body(self.forward_features(x)) + x
+            x = self.conv_before_upsample(x)
+            x = self.conv_last(self.upsample(x))
+        elif self.upsampler == "pixelshuffledirect":
+            x = self.conv_first(x)
+            x = self.conv_after_body(self.forward_features(x)) + x
+            x = self.upsample(x)
+        elif self.upsampler == "nearest+conv":
+            x = self.conv_first(x)
+            x = self.conv_after_body(self.forward_features(x)) + x
+            x = self.conv_before_upsample(x)
+            x = self.lrelu(self.conv_up1(F.interpolate(x, scale_factor=2, mode="nearest")))
+            x = self.lrelu(self.conv_up2(F.interpolate(x, scale_factor=2, mode="nearest")))
+            x = self.conv_last(self.lrelu(self.conv_hr(x)))
+        else:
+            x_first = self.conv_first(x)
+            res = self.conv_after_body(self.forward_features(x_first)) + x_first
+            if self.in_channels == self.out_channels:
+                x = x + self.conv_last(res)
+            else:
+                x = self.conv_last(res)
+        # the published code adds the 3-channel mean back even when out_channels differs
+        # (broadcasting a 1-channel output to 3); add it back only when the channels match
+        x = x / self.img_range + (mean if self.out_channels == self.in_channels else 0.0)
+        scale = self.upscale if self.upsampler else 1
+        return x[:, :, : H * scale, : W * scale]
