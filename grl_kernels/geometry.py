@@ -15,6 +15,7 @@ Conventions (see GRL_ATTENTION_SPEC.md sections 1-3):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence, Tuple
@@ -22,6 +23,10 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 MASK_VALUE = -100.0  # the published constant; -inf would change the numbers
+
+# torch.compile traces through the lru_cache wrappers below and warns once per function;
+# that is safe here: every cached function is pure in its (frozen, hashable) arguments.
+warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools.lru_cache`-wrapped function at 'geometry.py")
 
 
 def _pair(value, name: str) -> Tuple:
