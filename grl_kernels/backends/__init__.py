@@ -12,6 +12,7 @@ from .registry import (
     use_backend,
 )
 from . import reference_backend  # noqa: F401  (registers "reference")
+from . import triton_backend  # noqa: F401  (registers "triton")
 
 __all__ = [
     "Backend",

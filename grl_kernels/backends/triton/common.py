@@ -1,0 +1,139 @@
+"""Triton helpers shared by the stripe and window kernels (index math, norms, logits).
+
+Everything here mirrors :mod:`grl_kernels.geometry`:
+
+- ``grid_rows`` is ``token_position`` / ``anchor_position``: element ``i`` of window
+  (wy, wx) sits at rolled-grid coordinates (Y, X) = (wy*wh + i // ww, wx*ww + i % ww)
+  and at image row/column ((Y + shift_y) % Hg, (X + shift_x) % Wg);
+- ``band`` is ``region_band`` (the Python-slice quirk included: shift 0 gives band 2
+  everywhere), evaluated on rolled-grid coordinates, so a region id is 3*band_y + band_x;
+- ``logits`` returns the scores in log2 units: tau*cos*log2(e) + bias*log2(e) + mask*log2(e).
+  The bias table is passed pre-multiplied by log2(e), transposed to (nh, R).
+
+Kernels work in log2 units (exp2) throughout; the saved log-sum-exps are log2 too.
+"""
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+MASK_LOG2 = tl.constexpr(-100.0 * 1.4426950408889634)  # the published -100, in log2 units
+EPS = tl.constexpr(1e-12)  # F.normalize's eps
+# Decided with triton.jit itself: kernels are interpreted iff TRITON_INTERPRET=1 when imported.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def mma(a, b, PREC: tl.constexpr):
+    """tl.dot with float32 accumulation. Triton's interpreter (3.9) multiplies bfloat16 operands
+    as their raw uint16 bits, so there they are widened first (exact: bf16 products fit fp32)."""
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def decode_bwh(pid, nh, nW, nWw):
+    """Program id along axis 0 -> (batch, head, window row, window column); heads vary fastest."""
+    h = pid % nh
+    w = (pid // nh) % nW
+    b = pid // (nh * nW)
+    return b, h, w // nWw, w % nWw
+
+
+@triton.jit
+def grid_rows(i, wy, wx, wh, ww, Hg, Wg, ty, tx):
+    """In-window (y, x), rolled-grid (Y, X) and image (row, col) of elements ``i`` of a window."""
+    y = i // ww
+    x = i % ww
+    Y = wy * wh + y
+    X = wx * ww + x
+    return y, x, Y, X, (Y + ty) % Hg, (X + tx) % Wg
+
+
+@triton.jit
+def band(pos, size, win, shift):
+    """geometry.region_band on a vector of rolled-grid positions."""
+    b = tl.where(pos >= size - win, 1, 0)
+    b = tl.where(pos >= size - shift, 2, b)
+    return tl.where(shift == 0, 2, b)
+
+
+@triton.jit
+def load_rows(base, row_off, col0, s_c, d, valid, D: tl.constexpr):
+    """(R, D) tile: rows at element offsets ``row_off`` (int64), columns col0 .. col0+d-1 (zero-padded)."""
+    dd = tl.arange(0, D)
+    ptrs = base + row_off[:, None] + (col0 + dd)[None, :] * s_c
+    return tl.load(ptrs, mask=valid[:, None] & (dd < d)[None, :], other=0.0)
+
+
+@triton.jit
+def store_rows(base, row_off, col0, s_c, d, valid, val, D: tl.constexpr):
+    dd = tl.arange(0, D)
+    ptrs = base + row_off[:, None] + (col0 + dd)[None, :] * s_c
+    tl.store(ptrs, val.to(base.dtype.element_ty), mask=valid[:, None] & (dd < d)[None, :])
+
+
+@triton.jit
+def load_ws(base, row, valid, D: tl.constexpr):
+    """(R, D) tile of a float32 workspace laid out (rows, D); ``row`` is int64."""
+    dd = tl.arange(0, D)
+    return tl.load(base + row[:, None] * D + dd[None, :], mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def store_ws(base, row, valid, val, D: tl.constexpr):
+    dd = tl.arange(0, D)
+    tl.store(base + row[:, None] * D + dd[None, :], val, mask=valid[:, None])
+
+
+@triton.jit
+def row_norm(x):
+    """||x|| per row, in float32."""
+    xf = x.to(tl.float32)
+    return tl.sqrt(tl.sum(xf * xf, axis=1))
+
+
+@triton.jit
+def inv_norm(x):
+    """1 / max(||x||, eps) per row: the factor of F.normalize."""
+    return 1.0 / tl.maximum(row_norm(x), EPS)
+
+
+@triton.jit
+def normalize_bwd(x, inv, n, dxhat):
+    """Gradient of F.normalize: (dxhat - xhat (xhat . dxhat)) / ||x||, or dxhat / eps below eps."""
+    xhat = x.to(tl.float32) * inv[:, None]
+    proj = tl.sum(xhat * dxhat, axis=1)
+    proj = tl.where(n > EPS, proj, 0.0)
+    return (dxhat - xhat * proj[:, None]) * inv[:, None]
+
+
+@triton.jit
+def logits(xr, sr, xc, ic, bias_ptr, r, idr, idc, vr, vc, PREC: tl.constexpr):
+    """Scores (log2 units) of rows ``xr`` against columns ``xc`` and the raw dot products.
+
+    sr: per-row factor tau*log2(e)/||x_r||; ic: per-column 1/||x_c||; r: table row of every
+    pair; idr/idc: region ids (-100 where they differ); columns with vc false get -inf.
+    """
+    raw = mma(xr, tl.trans(xc), PREC)
+    s = raw * sr[:, None] * ic[None, :]
+    s += tl.load(bias_ptr + r, mask=vr[:, None] & vc[None, :], other=0.0)
+    s = tl.where(idr[:, None] != idc[None, :], s + MASK_LOG2, s)
+    return tl.where(vc[None, :], s, float("-inf")), raw
+
+
+@triton.jit
+def bias_grad_add(ptr, r, ds, mask, fx, DETERMINISTIC: tl.constexpr):
+    """Scatter-add dS into the (nh, R) bias-gradient buffer at table rows ``r``.
+
+    DETERMINISTIC: int64 fixed point (value * fx, fx a power of two chosen by the host so no
+    partial sum can overflow); integer adds commute, so the bits do not depend on the order.
+    Otherwise float32 atomics.
+    """
+    if DETERMINISTIC:
+        tl.atomic_add(ptr + r, (ds * fx).to(tl.int64), mask=mask, sem="relaxed")
+    else:
+        tl.atomic_add(ptr + r, ds, mask=mask, sem="relaxed")

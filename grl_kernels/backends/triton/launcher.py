@@ -1,0 +1,359 @@
+"""Host side of the Triton backend: configuration choice, workspaces, grids, launches.
+
+Entry points (tensors in, tensors out; no autograd here, see autograd.py):
+    stripe_forward(qkv, anchor, geom, nh, scale1, bias1, scale2, bias2) -> (out, z, lse1, lse2)
+    stripe_backward(grad, qkv, anchor, geom, nh, scale1, bias1, scale2, bias2, out, z, lse1, lse2, det)
+    window_forward(qkv, geom, nh, scale, bias) -> (out, lse)
+    window_backward(grad, qkv, geom, nh, scale, bias, out, lse, det)
+``geom`` is a StripeGeometry / WindowGeometry. ``scale*`` are tau (nh,), ``bias*`` the
+(R, nh) tables 16*sigmoid(T), in any floating dtype (used in float32).
+
+CUDA tensors run the compiled kernels. In a process that imported triton with
+TRITON_INTERPRET=1, the same kernels run in Triton's interpreter and take CPU tensors
+(slow; that is how the CI checks the numerics without a GPU). ``record_launches()``
+collects the launches instead of running them (used with meta tensors by the compile checks).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ...geometry import StripeGeometry, WindowGeometry
+from . import kernels as _kernels
+from .config import head_pad
+
+LOG2E = 1.4426950408889634
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Test hook: {"BM": int, "BN": int, "splits": int} forces block sizes / split counts.
+_OVERRIDE: Dict[str, int] = {}
+_recorder: Optional[List[dict]] = None
+
+
+@contextlib.contextmanager
+def override(**kw):
+    """Force block sizes (BM, BN: powers of two >= 16) or the split count, for tests."""
+    old = dict(_OVERRIDE)
+    _OVERRIDE.update(kw)
+    try:
+        yield
+    finally:
+        _OVERRIDE.clear()
+        _OVERRIDE.update(old)
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collect launches as dicts {kernel, args, constexprs, num_warps, num_stages} instead of running."""
+    global _recorder
+    old, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = old
+
+
+# ---------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Config:
+    BM: int  # rows of a program (queries / anchors / tokens it owns)
+    BN: int  # columns per loop iteration
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _p2(n: int) -> int:
+    return max(16, 1 << max(0, int(n) - 1).bit_length())
+
+
+def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype) -> Config:
+    """Block sizes for a kernel whose programs own ``rows`` and loop over ``cols``.
+
+    kind "fwd": one score tile, one P@V; "bwd": score, dP, dS and two or three products
+    per tile, so narrower column blocks. fp32 inputs use exact (ieee) products: smaller tiles.
+    """
+    wide = dtype != torch.float32
+    if kind == "fwd":
+        bm = 64 if (D <= 64 or wide) else 32
+        bn = 64 if (D <= 64 and wide) else 32
+    else:
+        bm = 64 if D <= 64 else 32
+        bn = 64 if (D <= 32 and wide) else 32
+    bm = _OVERRIDE.get("BM", min(bm, _p2(rows)))
+    bn = _OVERRIDE.get("BN", min(bn, _p2(cols)))
+    return Config(bm, bn)  # 4 warps, 2 stages: FlashAttention-2's choice for 64-row tiles (untuned here)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: exact products unless the user allowed TF32 for matmuls in torch."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132 if device.type == "meta" else 1
+
+
+def _splits(device: torch.device, programs: int, blocks: int) -> Tuple[int, int]:
+    """(number of splits, blocks per split) of a loop of ``blocks`` over ``programs`` programs."""
+    if "splits" in _OVERRIDE:
+        want = _OVERRIDE["splits"]
+    else:
+        want = math.ceil(2 * _num_sms(device) / max(programs, 1))
+        want = min(want, max(1, blocks // 4), 16)  # >= 4 blocks per split, bounded workspace
+    want = max(1, min(want, blocks))
+    per = math.ceil(blocks / want)
+    return math.ceil(blocks / per), per
+
+
+# ---------------------------------------------------------------------------
+# launching
+# ---------------------------------------------------------------------------
+def _launch(name: str, grid, args, constexprs: dict, cfg: Config, device: torch.device) -> None:
+    if _recorder is not None:
+        _recorder.append(dict(kernel=name, args=args, constexprs=constexprs, num_warps=cfg.num_warps,
+                              num_stages=cfg.num_stages))
+        return
+    if device.type == "meta":
+        return
+    kern = getattr(_kernels.KERNELS, name)
+    if _kernels.INTERPRETED:
+        kern[grid](*args, **constexprs)
+    else:
+        with torch.cuda.device(device):
+            kern[grid](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _check_inputs(qkv: torch.Tensor, nh: int) -> Tuple[int, int, int, int]:
+    if qkv.device.type == "cpu" and _recorder is None and not _kernels.INTERPRETED:
+        raise RuntimeError(
+            "the triton backend runs CPU tensors only in Triton's interpreter: set TRITON_INTERPRET=1 "
+            "before triton is imported (or use CUDA tensors)"
+        )
+    if qkv.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the triton backend handles float16, bfloat16 and float32, got {qkv.dtype}")
+    B, L, C3 = qkv.shape
+    C = C3 // 3
+    d = C // nh
+    return B, L, C, d
+
+
+def _bias_arg(bias: torch.Tensor) -> torch.Tensor:
+    """(R, nh) table -> (nh, R) float32 times log2(e) (the kernels work in log2 units)."""
+    return (bias.detach().to(torch.float32).t() * LOG2E).contiguous()
+
+
+def _scale_arg(scale: torch.Tensor) -> torch.Tensor:
+    return scale.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def stripe_geo_args(g: StripeGeometry, nh: int, d: int) -> tuple:
+    mth, mtw = (g.shift_h, g.shift_w) if g.shifted else (0, 0)
+    mtah, mtaw = (g.anchor_shift_h, g.anchor_shift_w) if g.shifted else (0, 0)
+    return (
+        g.H, g.W, g.sh, g.sw, g.shift_h, g.shift_w, mth, mtw,
+        g.Ha, g.Wa, g.ah, g.aw, g.anchor_shift_h, g.anchor_shift_w, mtah, mtaw,
+        g.windows_w, g.num_windows, nh, d, nh * d, g.n1, g.n2, g.table_w, g.table_rows,
+    )
+
+
+def window_geo_args(g: WindowGeometry, nh: int, d: int) -> tuple:
+    return (g.H, g.W, g.ws, g.shift, g.windows_w, g.num_windows, nh, d, nh * d, g.n, g.table_side, g.table_rows)
+
+
+def _fixed_point_scale(bound: torch.Tensor) -> torch.Tensor:
+    """Power-of-two scale s with bound * s <= 2^61: int64 partial sums of |terms| <= bound cannot overflow."""
+    e = torch.ceil(torch.log2(torch.nan_to_num(bound.float(), nan=1.0, posinf=1e30).clamp_min(1e-30)))
+    return torch.exp2((61.0 - e).clamp(-120.0, 120.0)).reshape(1)
+
+
+def _bias_grad_buffer(nh: int, R: int, device, deterministic: bool) -> torch.Tensor:
+    return torch.zeros((nh, R), dtype=torch.int64 if deterministic else torch.float32, device=device)
+
+
+def _bias_grad_result(buf: torch.Tensor, fx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if buf.dtype == torch.int64:
+        buf = (buf.to(torch.float64) / fx.to(torch.float64)).to(torch.float32)
+    return buf.t().to(like.dtype).contiguous()
+
+
+def _row_norms(x: torch.Tensor, B: int, L: int, nh: int, d: int) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.reshape(B, L, nh, d), dim=-1, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# anchored stripe attention
+# ---------------------------------------------------------------------------
+def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale2, bias2):
+    B, L, C, d = _check_inputs(qkv, nh)
+    D = head_pad(d)
+    dev = qkv.device
+    N1, N2 = g.n1, g.n2
+    BWH = B * g.num_windows * nh
+    prec = _dot_precision(qkv.dtype)
+    geo = stripe_geo_args(g, nh, d)
+    s1, s2 = _scale_arg(scale1), _scale_arg(scale2)
+    b1, b2 = _bias_arg(bias1), _bias_arg(bias2)
+    qs = qkv.stride()
+    as_ = anchor.stride()
+
+    # stage 1: anchors over tokens, split over token blocks, then combined
+    c1 = choose_config("fwd", N2, N1, D, qkv.dtype)
+    mblocks = -(-N2 // c1.BM)
+    n_splits, per = _splits(dev, BWH * mblocks, -(-N1 // c1.BN))
+    acc = torch.empty((BWH, n_splits, N2, D), dtype=torch.float32, device=dev)
+    ms = torch.empty((BWH, n_splits, N2), dtype=torch.float32, device=dev)
+    ls = torch.empty_like(ms)
+    _launch("stripe_fwd_anchor_partial", (BWH, mblocks, n_splits),
+            (qkv, anchor, s1, b1, acc, ms, ls, *qs, *as_, *geo, per, n_splits),
+            dict(D=D, BM=c1.BM, BN=c1.BN, PREC=prec), c1, dev)
+    z = torch.empty((BWH, N2, D), dtype=torch.float32, device=dev)
+    lse1 = torch.empty((BWH, N2), dtype=torch.float32, device=dev)
+    cc = Config(min(32, _p2(N2)), 16)
+    _launch("stripe_fwd_combine", (BWH, -(-N2 // cc.BM)), (acc, ms, ls, z, lse1, N2, n_splits),
+            dict(D=D, BM=cc.BM), cc, dev)
+    del acc, ms, ls
+
+    # stage 2: tokens over anchors, written in place into (B, H*W, C)
+    out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
+    lse2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
+    c2 = choose_config("fwd", N1, N2, D, qkv.dtype)
+    _launch("stripe_fwd_tokens", (BWH, -(-N1 // c2.BM)),
+            (qkv, anchor, s2, b2, z, out, lse2, *qs, *as_, *out.stride(), *geo),
+            dict(D=D, BM=c2.BM, BN=c2.BN, PREC=prec), c2, dev)
+    return out, z, lse1, lse2
+
+
+def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale2, bias2, out, z, lse1, lse2,
+                    deterministic: bool):
+    B, L, C, d = _check_inputs(qkv, nh)
+    D = head_pad(d)
+    dev = qkv.device
+    N1, N2 = g.n1, g.n2
+    nW = g.num_windows
+    BWH = B * nW * nh
+    prec = _dot_precision(qkv.dtype)
+    geo = stripe_geo_args(g, nh, d)
+    s1, s2 = _scale_arg(scale1), _scale_arg(scale2)
+    b1, b2 = _bias_arg(bias1), _bias_arg(bias2)
+    qs, as_, os_, gs = qkv.stride(), anchor.stride(), out.stride(), grad.stride()
+    R = g.table_rows
+    cdt = dict(DETERMINISTIC=bool(deterministic))
+
+    dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
+    danchor = torch.empty(anchor.shape, dtype=anchor.dtype, device=dev)
+    one = torch.ones(1, dtype=torch.float32, device=dev)
+
+    # 1. tokens, stage 2: Delta2, dq, tau2 and bias2 gradients
+    ct = choose_config("bwd", N1, N2, D, qkv.dtype)
+    tblocks = -(-N1 // ct.BM)
+    delta2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
+    dbias2 = _bias_grad_buffer(nh, R, dev, deterministic)
+    dtau2 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
+    fx2 = one
+    if deterministic:  # sum_i |dS2[j, i]| <= 2 |dY_j| max|Z|
+        bound = 2 * _row_norms(grad, B, L, nh, d).sum() * torch.linalg.vector_norm(z, dim=-1).max()
+        fx2 = _fixed_point_scale(bound)
+    _launch("stripe_bwd_tokens2", (BWH, tblocks),
+            (qkv, anchor, s2, b2, z, out, grad, lse2, delta2, dqkv, dbias2, dtau2, fx2,
+             *qs, *as_, *os_, *gs, *dqkv.stride(), *geo),
+            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **cdt), ct, dev)
+
+    # 2. anchors, stage 2: dZ and the stage-2 part of d(a_hat), split over token blocks
+    ca = choose_config("bwd", N2, N1, D, qkv.dtype)
+    ablocks = -(-N2 // ca.BM)
+    n_splits, per = _splits(dev, BWH * ablocks, -(-N1 // ca.BN))
+    dzp = torch.empty((n_splits, BWH, N2, D), dtype=torch.float32, device=dev)
+    dap2 = torch.empty_like(dzp)
+    _launch("stripe_bwd_anchors2", (BWH, ablocks, n_splits),
+            (qkv, anchor, s2, b2, z, grad, lse2, delta2, dzp, dap2, *qs, *as_, *gs, *geo, per, BWH),
+            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec), ca, dev)
+    dz = dzp.sum(0) if n_splits > 1 else dzp[0]
+    del dzp
+    delta1 = (dz * z).sum(-1)
+
+    # 3. anchors, stage 1: the rest of d(a_hat); then through F.normalize into (B, H/f, W/f, C)
+    dap1 = torch.empty_like(dap2)
+    _launch("stripe_bwd_anchors1", (BWH, ablocks, n_splits),
+            (qkv, anchor, s1, b1, dz, delta1, lse1, dap1, *qs, *as_, *geo, per, BWH),
+            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec), ca, dev)
+    dah = (dap1 + dap2).sum(0) if n_splits > 1 else dap1[0] + dap2[0]
+    del dap1, dap2
+    cf = Config(min(32, _p2(N2)), 16)
+    _launch("stripe_bwd_anchor_finalize", (BWH, -(-N2 // cf.BM)),
+            (anchor, dah, danchor, *as_, *danchor.stride(), *geo), dict(D=D, BM=cf.BM), cf, dev)
+
+    # 4. tokens, stage 1: dk, dv, tau1 and bias1 gradients
+    dbias1 = _bias_grad_buffer(nh, R, dev, deterministic)
+    dtau1 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
+    fx1 = one
+    if deterministic:  # sum_j |dS1[i, j]| <= 2 |dZ_i| max|v|
+        vmax = _row_norms(qkv[..., 2 * C:], B, L, nh, d).max()
+        fx1 = _fixed_point_scale(2 * torch.linalg.vector_norm(dz, dim=-1).sum() * vmax)
+    _launch("stripe_bwd_tokens1", (BWH, tblocks),
+            (qkv, anchor, s1, b1, dz, delta1, lse1, dqkv, dbias1, dtau1, fx1, *qs, *as_, *dqkv.stride(), *geo),
+            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **cdt), ct, dev)
+
+    dscale1 = dtau1.view(B * nW, nh, tblocks).sum((0, 2)).to(scale1.dtype).reshape(scale1.shape)
+    dscale2 = dtau2.view(B * nW, nh, tblocks).sum((0, 2)).to(scale2.dtype).reshape(scale2.shape)
+    return (dqkv, danchor, dscale1, _bias_grad_result(dbias1, fx1, bias1), dscale2,
+            _bias_grad_result(dbias2, fx2, bias2))
+
+
+# ---------------------------------------------------------------------------
+# window attention
+# ---------------------------------------------------------------------------
+def window_forward(qkv, g: WindowGeometry, nh: int, scale, bias):
+    B, L, C, d = _check_inputs(qkv, nh)
+    D = head_pad(d)
+    dev = qkv.device
+    N = g.n
+    BWH = B * g.num_windows * nh
+    out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
+    lse = torch.empty((BWH, N), dtype=torch.float32, device=dev)
+    c = choose_config("fwd", N, N, D, qkv.dtype)
+    _launch("window_fwd", (BWH, -(-N // c.BM)),
+            (qkv, _scale_arg(scale), _bias_arg(bias), out, lse, *qkv.stride(), *out.stride(),
+             *window_geo_args(g, nh, d)),
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=_dot_precision(qkv.dtype)), c, dev)
+    return out, lse
+
+
+def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse, deterministic: bool):
+    B, L, C, d = _check_inputs(qkv, nh)
+    D = head_pad(d)
+    dev = qkv.device
+    N = g.n
+    nW = g.num_windows
+    BWH = B * nW * nh
+    prec = _dot_precision(qkv.dtype)
+    geo = window_geo_args(g, nh, d)
+    sc, bi = _scale_arg(scale), _bias_arg(bias)
+    dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
+    delta = torch.empty((BWH, N), dtype=torch.float32, device=dev)
+    dbias = _bias_grad_buffer(nh, g.table_rows, dev, deterministic)
+    c = choose_config("bwd", N, N, D, qkv.dtype)
+    qblocks = -(-N // c.BM)
+    dtau = torch.empty((BWH, qblocks), dtype=torch.float32, device=dev)
+    fx = torch.ones(1, dtype=torch.float32, device=dev)
+    if deterministic:  # sum_k |dS[q, k]| <= 2 |dO_q| max|v|
+        vmax = _row_norms(qkv[..., 2 * C:], B, L, nh, d).max()
+        fx = _fixed_point_scale(2 * _row_norms(grad, B, L, nh, d).sum() * vmax)
+    _launch("window_bwd_dq", (BWH, qblocks),
+            (qkv, sc, bi, out, grad, lse, delta, dqkv, dbias, dtau, fx,
+             *qkv.stride(), *out.stride(), *grad.stride(), *dqkv.stride(), *geo),
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, DETERMINISTIC=bool(deterministic)), c, dev)
+    _launch("window_bwd_dkv", (BWH, qblocks),
+            (qkv, sc, bi, grad, lse, delta, dqkv, *qkv.stride(), *grad.stride(), *dqkv.stride(), *geo),
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec), c, dev)
+    dscale = dtau.view(B * nW, nh, qblocks).sum((0, 2)).to(scale.dtype).reshape(scale.shape)
+    return dqkv, dscale, _bias_grad_result(dbias, fx, bias)

@@ -1,0 +1,277 @@
+"""Backward kernels of anchored stripe attention (FlashAttention-2 style, from saved stats).
+
+Saved by the forward: Y (the output), Z (float32, N2 x D per window/head), the
+log-sum-exps of both stages (log2 units). With P2 = softmax(S2), Y = P2 Z and
+P1 = softmax(S1), Z = P1 V, and dS = P * (dP - rowsum(dO * O)):
+
+1. ``stripe_bwd_tokens2`` (token blocks, loop over anchors): Delta2 = rowsum(dY * Y),
+   dq, the tau2 partials and the bias2 gradient (scatter by table row).
+2. ``stripe_bwd_anchors2`` (anchor blocks x token splits): dZ = P2^T dY and the
+   stage-2 part of d(a_hat); partials per split, summed on the host.
+3. (host) dZ = sum of splits, Delta1 = rowsum(dZ * Z).
+4. ``stripe_bwd_anchors1`` (anchor blocks x token splits): stage-1 part of d(a_hat).
+5. ``stripe_bwd_anchor_finalize``: d(a_hat) -> d(anchor) through F.normalize, scattered
+   to (B, H/f, W/f, C).
+6. ``stripe_bwd_tokens1`` (token blocks, loop over anchors): dk, dv, the tau1 partials
+   and the bias1 gradient.
+
+The query/key/anchor gradients are accumulated against the normalised vectors and taken
+through F.normalize's backward per row at the end; no N1 x N2 map is ever stored.
+"""
+import triton
+import triton.language as tl
+
+from .common import (
+    EPS, LOG2E, band, bias_grad_add, decode_bwh, grid_rows, inv_norm, load_rows, load_ws, logits, mma,
+    normalize_bwd, row_norm, store_rows, store_ws,
+)
+
+
+@triton.jit
+def stripe_bwd_tokens2(
+    QKV, ANC, SCALE, BIAS, Z, OUT, DOUT, LSE, DELTA, DQKV, DBIAS, DTAU, FX,
+    s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_ob, s_ol, s_oc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
+    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    DT = QKV.dtype.element_ty
+    b64 = b.to(tl.int64)
+    anc_b = ANC + b64 * s_ab
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+    dbias_h = DBIAS + h * R
+    fx = tl.load(FX)
+
+    j = pid_m * BM + tl.arange(0, BM)
+    vj = j < N1
+    ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+    tpos = tr.to(tl.int64) * W + tc
+    q = load_rows(QKV + b64 * s_qb, tpos * s_ql, h * d, s_qc, d, vj, D)
+    nq = row_norm(q)
+    inv_nq = 1.0 / tl.maximum(nq, EPS)
+    sq = inv_nq * (tau * LOG2E)
+    tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
+    do = load_rows(DOUT + b64 * s_gb, tpos * s_gl, h * d, s_gc, d, vj, D).to(DT)
+    o = load_rows(OUT + b64 * s_ob, tpos * s_ol, h * d, s_oc, d, vj, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tok = pid.to(tl.int64) * N1 + j
+    tl.store(DELTA + tok, delta, mask=vj)
+    lse = tl.load(LSE + tok, mask=vj, other=0.0)
+
+    dqh = tl.zeros([BM, D], tl.float32)
+    dtau = tl.zeros([BM], tl.float32)
+    for ib in range(0, tl.cdiv(N2, BN)):
+        i = ib * BN + tl.arange(0, BN)
+        vi = i < N2
+        au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+        a = load_rows(anc_b, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+        inv_na = inv_norm(a)
+        aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
+        r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
+        s, raw = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
+        p = tl.exp2(s - lse[:, None])
+        z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
+        dp = mma(do, tl.trans(z), PREC)
+        ds = p * (dp - delta[:, None])
+        dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nq
+        dqh += mma((ds * inv_na[None, :]).to(DT), a, PREC)
+        bias_grad_add(dbias_h, r, ds, vj[:, None] & vi[None, :], fx, DETERMINISTIC)
+
+    dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
+    store_rows(DQKV + b64 * s_db, tpos * s_dl, h * d, s_dc, d, vj, dq, D)
+    tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau, 0))
+
+
+@triton.jit
+def stripe_bwd_anchors2(
+    QKV, ANC, SCALE, BIAS, Z, DOUT, LSE, DELTA, DZP, DAP,
+    s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_gb, s_gl, s_gc,
+    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    blocks_per_split, BWH,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    DT = QKV.dtype.element_ty
+    b64 = b.to(tl.int64)
+    qkv_b = QKV + b64 * s_qb
+    dout_b = DOUT + b64 * s_gb
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+
+    i = pid_m * BM + tl.arange(0, BM)
+    vi = i < N2
+    au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+    a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+    inv_na = inv_norm(a)
+    sa = inv_na * (tau * LOG2E)
+    aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
+    zi = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
+
+    dz = tl.zeros([BM, D], tl.float32)
+    dah = tl.zeros([BM, D], tl.float32)
+    blk0 = pid_s * blocks_per_split
+    blk1 = tl.minimum(blk0 + blocks_per_split, tl.cdiv(N1, BN))
+    for jb in range(blk0, blk1):
+        j = jb * BN + tl.arange(0, BN)
+        vj = j < N1
+        ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+        tpos = tr.to(tl.int64) * W + tc
+        q = load_rows(qkv_b, tpos * s_ql, h * d, s_qc, d, vj, D)
+        inv_nq = inv_norm(q)
+        tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
+        r = (ty[None, :] - au[:, None] + ah - 1) * Rw + (tx[None, :] - av[:, None] + aw - 1)
+        s, _ = logits(a, sa, q, inv_nq, bias_h, r, aid, tid, vi, vj, PREC)
+        tok = pid.to(tl.int64) * N1 + j
+        lse = tl.load(LSE + tok, mask=vj, other=0.0)
+        delta = tl.load(DELTA + tok, mask=vj, other=0.0)
+        p = tl.exp2(s - lse[None, :])
+        do = load_rows(dout_b, tpos * s_gl, h * d, s_gc, d, vj, D).to(DT)
+        dz += mma(p.to(DT), do, PREC)
+        dp = mma(zi, tl.trans(do), PREC)
+        ds = p * (dp - delta[None, :])
+        dah += mma((ds * inv_nq[None, :]).to(DT), q, PREC)
+
+    row = (pid_s * BWH + pid).to(tl.int64) * N2 + i
+    store_ws(DZP, row, vi, dz, D)
+    store_ws(DAP, row, vi, dah * tau, D)
+
+
+@triton.jit
+def stripe_bwd_anchors1(
+    QKV, ANC, SCALE, BIAS, DZ, DELTA, LSE, DAP,
+    s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac,
+    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    blocks_per_split, BWH,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    DT = QKV.dtype.element_ty
+    b64 = b.to(tl.int64)
+    qkv_b = QKV + b64 * s_qb
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+
+    i = pid_m * BM + tl.arange(0, BM)
+    vi = i < N2
+    au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+    a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+    inv_na = inv_norm(a)
+    sa = inv_na * (tau * LOG2E)
+    aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
+    arow = pid.to(tl.int64) * N2 + i
+    dzi = load_ws(DZ, arow, vi, D).to(DT)
+    delta = tl.load(DELTA + arow, mask=vi, other=0.0)
+    lse = tl.load(LSE + arow, mask=vi, other=0.0)
+
+    dah = tl.zeros([BM, D], tl.float32)
+    blk0 = pid_s * blocks_per_split
+    blk1 = tl.minimum(blk0 + blocks_per_split, tl.cdiv(N1, BN))
+    for jb in range(blk0, blk1):
+        j = jb * BN + tl.arange(0, BN)
+        vj = j < N1
+        ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+        toff = (tr.to(tl.int64) * W + tc) * s_ql
+        k = load_rows(qkv_b, toff, C + h * d, s_qc, d, vj, D)
+        v = load_rows(qkv_b, toff, 2 * C + h * d, s_qc, d, vj, D)
+        inv_nk = inv_norm(k)
+        tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
+        r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
+        s, _ = logits(a, sa, k, inv_nk, bias_h, r, aid, tid, vi, vj, PREC)
+        p = tl.exp2(s - lse[:, None])
+        dp = mma(dzi, tl.trans(v), PREC)
+        ds = p * (dp - delta[:, None])
+        dah += mma((ds * inv_nk[None, :]).to(DT), k, PREC)
+
+    store_ws(DAP, (pid_s * BWH + pid).to(tl.int64) * N2 + i, vi, dah * tau, D)
+
+
+@triton.jit
+def stripe_bwd_anchor_finalize(
+    ANC, DAH, DANC,
+    s_ab, s_ah, s_aw, s_ac, s_eb, s_eh, s_ew, s_ec,
+    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    D: tl.constexpr, BM: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    b64 = b.to(tl.int64)
+    i = pid_m * BM + tl.arange(0, BM)
+    vi = i < N2
+    au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+    a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+    na = row_norm(a)
+    inv_na = 1.0 / tl.maximum(na, EPS)
+    dah = load_ws(DAH, pid.to(tl.int64) * N2 + i, vi, D)
+    da = normalize_bwd(a, inv_na, na, dah)
+    store_rows(DANC + b64 * s_eb, ar.to(tl.int64) * s_eh + ac.to(tl.int64) * s_ew, h * d, s_ec, d, vi, da, D)
+
+
+@triton.jit
+def stripe_bwd_tokens1(
+    QKV, ANC, SCALE, BIAS, DZ, DELTA, LSE, DQKV, DBIAS, DTAU, FX,
+    s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_db, s_dl, s_dc,
+    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    DT = QKV.dtype.element_ty
+    b64 = b.to(tl.int64)
+    anc_b = ANC + b64 * s_ab
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+    dbias_h = DBIAS + h * R
+    fx = tl.load(FX)
+
+    j = pid_m * BM + tl.arange(0, BM)
+    vj = j < N1
+    ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+    tpos = tr.to(tl.int64) * W + tc
+    qkv_b = QKV + b64 * s_qb
+    k = load_rows(qkv_b, tpos * s_ql, C + h * d, s_qc, d, vj, D)
+    v = load_rows(qkv_b, tpos * s_ql, 2 * C + h * d, s_qc, d, vj, D)
+    nk = row_norm(k)
+    inv_nk = 1.0 / tl.maximum(nk, EPS)
+    sk = inv_nk * (tau * LOG2E)
+    tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
+
+    dkh = tl.zeros([BM, D], tl.float32)
+    dv = tl.zeros([BM, D], tl.float32)
+    dtau = tl.zeros([BM], tl.float32)
+    for ib in range(0, tl.cdiv(N2, BN)):
+        i = ib * BN + tl.arange(0, BN)
+        vi = i < N2
+        au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+        a = load_rows(anc_b, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+        inv_na = inv_norm(a)
+        aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
+        r = (au[None, :] - ty[:, None] + sh - 1) * Rw + (av[None, :] - tx[:, None] + sw - 1)
+        s, raw = logits(k, sk, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
+        arow = pid.to(tl.int64) * N2 + i
+        lse = tl.load(LSE + arow, mask=vi, other=0.0)
+        delta = tl.load(DELTA + arow, mask=vi, other=0.0)
+        p = tl.exp2(s - lse[None, :])
+        dz = load_ws(DZ, arow, vi, D).to(DT)
+        dv += mma(p.to(DT), dz, PREC)
+        dp = mma(v, tl.trans(dz), PREC)
+        ds = p * (dp - delta[None, :])
+        dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nk
+        dkh += mma((ds * inv_na[None, :]).to(DT), a, PREC)
+        bias_grad_add(dbias_h, r, ds, vj[:, None] & vi[None, :], fx, DETERMINISTIC)
+
+    dk = normalize_bwd(k, inv_nk, nk, dkh * tau)
+    dqkv_b = DQKV + b64 * s_db
+    store_rows(dqkv_b, tpos * s_dl, C + h * d, s_dc, d, vj, dk, D)
+    store_rows(dqkv_b, tpos * s_dl, 2 * C + h * d, s_dc, d, vj, dv, D)
+    tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau, 0))

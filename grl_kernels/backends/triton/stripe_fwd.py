@@ -1,0 +1,144 @@
+"""Forward kernels of anchored stripe attention.
+
+Stage 1 (anchors attend to the window's tokens, N1 up to 10368) is split over token
+blocks, flash-decoding style: ``stripe_fwd_anchor_partial`` writes per-split
+(unnormalised accumulator, running max, running sum) and ``stripe_fwd_combine`` merges
+them into Z (N2 x D per window and head, float32) and the stage-1 log-sum-exp.
+Stage 2 (``stripe_fwd_tokens``): every program takes a block of tokens, loops over the
+window's anchors (N2 <= 648), and writes its rows of Y straight into (B, H*W, C).
+
+Geometry arguments, in this order in every stripe kernel (see launcher.stripe_geo_args):
+H, W, sh, sw, th, tw (token roll), mth, mtw (token mask shifts: 0 when not shifted),
+Ha, Wa, ah, aw, tah, taw, mtah, mtaw (the same on the anchor grid), nWw, nW, nh, d, C,
+N1, N2, Rw (table row stride), R (table rows).
+"""
+import triton
+import triton.language as tl
+
+from .common import (
+    LOG2E, band, decode_bwh, grid_rows, inv_norm, load_rows, load_ws, logits, mma, store_rows, store_ws,
+)
+
+
+@triton.jit
+def stripe_fwd_anchor_partial(
+    QKV, ANC, SCALE, BIAS, ACC, MS, LS,
+    s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac,
+    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    blocks_per_split, n_splits,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    DT = QKV.dtype.element_ty
+    qkv_b = QKV + b.to(tl.int64) * s_qb
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+
+    i = pid_m * BM + tl.arange(0, BM)
+    vi = i < N2
+    au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+    a = load_rows(ANC + b.to(tl.int64) * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+    inv_na = inv_norm(a)
+    sa = inv_na * (tau * LOG2E)
+    aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
+
+    m = tl.full([BM], float("-inf"), tl.float32)
+    l = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    blk0 = pid_s * blocks_per_split
+    blk1 = tl.minimum(blk0 + blocks_per_split, tl.cdiv(N1, BN))
+    for jb in range(blk0, blk1):
+        j = jb * BN + tl.arange(0, BN)
+        vj = j < N1
+        ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+        toff = (tr.to(tl.int64) * W + tc) * s_ql
+        k = load_rows(qkv_b, toff, C + h * d, s_qc, d, vj, D)
+        v = load_rows(qkv_b, toff, 2 * C + h * d, s_qc, d, vj, D)
+        inv_nk = inv_norm(k)
+        tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
+        r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
+        s, _ = logits(a, sa, k, inv_nk, bias_h, r, aid, tid, vi, vj, PREC)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + mma(p.to(DT), v, PREC)
+        m = m_new
+
+    row = (pid.to(tl.int64) * n_splits + pid_s) * N2 + i
+    store_ws(ACC, row, vi, acc, D)
+    tl.store(MS + row, m, mask=vi)
+    tl.store(LS + row, l, mask=vi)
+
+
+@triton.jit
+def stripe_fwd_combine(ACC, MS, LS, Z, LSE, N2, n_splits, D: tl.constexpr, BM: tl.constexpr):
+    """Merge the split partials: Z = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m)."""
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    i = pid_m * BM + tl.arange(0, BM)
+    vi = i < N2
+    base = pid.to(tl.int64) * n_splits * N2 + i
+    mmax = tl.full([BM], float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        mmax = tl.maximum(mmax, tl.load(MS + base + s * N2, mask=vi, other=0.0))
+    l = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for s in range(0, n_splits):
+        w = tl.exp2(tl.load(MS + base + s * N2, mask=vi, other=0.0) - mmax)
+        l += w * tl.load(LS + base + s * N2, mask=vi, other=1.0)
+        acc += w[:, None] * load_ws(ACC, base + s * N2, vi, D)
+    row = pid.to(tl.int64) * N2 + i
+    store_ws(Z, row, vi, acc / l[:, None], D)
+    tl.store(LSE + row, mmax + tl.log2(l), mask=vi)
+
+
+@triton.jit
+def stripe_fwd_tokens(
+    QKV, ANC, SCALE, BIAS, Z, OUT, LSE,
+    s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_ob, s_ol, s_oc,
+    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    DT = QKV.dtype.element_ty
+    anc_b = ANC + b.to(tl.int64) * s_ab
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+
+    j = pid_m * BM + tl.arange(0, BM)
+    vj = j < N1
+    ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+    tpos = tr.to(tl.int64) * W + tc
+    q = load_rows(QKV + b.to(tl.int64) * s_qb, tpos * s_ql, h * d, s_qc, d, vj, D)
+    inv_nq = inv_norm(q)
+    sq = inv_nq * (tau * LOG2E)
+    tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
+
+    m = tl.full([BM], float("-inf"), tl.float32)
+    l = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for ib in range(0, tl.cdiv(N2, BN)):
+        i = ib * BN + tl.arange(0, BN)
+        vi = i < N2
+        au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+        a = load_rows(anc_b, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+        inv_na = inv_norm(a)
+        aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
+        r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
+        s, _ = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
+        acc = acc * alpha[:, None] + mma(p.to(DT), z, PREC)
+        m = m_new
+
+    store_rows(OUT + b.to(tl.int64) * s_ob, tpos * s_ol, h * d, s_oc, d, vj, acc / l[:, None], D)
+    tl.store(LSE + pid.to(tl.int64) * N1 + j, m + tl.log2(l), mask=vj)

@@ -1,0 +1,128 @@
+"""Backward kernels of window attention (FlashAttention-2 style, from the saved log-sum-exp).
+
+``window_bwd_dq`` (query blocks, loop over keys): Delta = rowsum(dO * O), dq, the tau
+partials and the bias-table gradient. ``window_bwd_dkv`` (key blocks, loop over queries,
+after the first kernel so Delta is complete): dk and dv.
+"""
+import triton
+import triton.language as tl
+
+from .common import (
+    EPS, LOG2E, band, bias_grad_add, decode_bwh, grid_rows, inv_norm, load_rows, logits, mma, normalize_bwd,
+    row_norm, store_rows,
+)
+
+
+@triton.jit
+def window_bwd_dq(
+    QKV, SCALE, BIAS, OUT, DOUT, LSE, DELTA, DQKV, DBIAS, DTAU, FX,
+    s_qb, s_ql, s_qc, s_ob, s_ol, s_oc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
+    H, W, ws, t, nWw, nW, nh, d, C, N, Rw, R,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    DT = QKV.dtype.element_ty
+    b64 = b.to(tl.int64)
+    qkv_b = QKV + b64 * s_qb
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+    dbias_h = DBIAS + h * R
+    fx = tl.load(FX)
+
+    j = pid_m * BM + tl.arange(0, BM)
+    vq = j < N
+    qy, qx, QY, QX, qr, qc = grid_rows(j, wy, wx, ws, ws, H, W, t, t)
+    qpos = qr.to(tl.int64) * W + qc
+    q = load_rows(qkv_b, qpos * s_ql, h * d, s_qc, d, vq, D)
+    nq = row_norm(q)
+    inv_nq = 1.0 / tl.maximum(nq, EPS)
+    sq = inv_nq * (tau * LOG2E)
+    qid = 3 * band(QY, H, ws, t) + band(QX, W, ws, t)
+    do = load_rows(DOUT + b64 * s_gb, qpos * s_gl, h * d, s_gc, d, vq, D).to(DT)
+    o = load_rows(OUT + b64 * s_ob, qpos * s_ol, h * d, s_oc, d, vq, D)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    row = pid.to(tl.int64) * N + j
+    tl.store(DELTA + row, delta, mask=vq)
+    lse = tl.load(LSE + row, mask=vq, other=0.0)
+
+    dqh = tl.zeros([BM, D], tl.float32)
+    dtau = tl.zeros([BM], tl.float32)
+    for kb in range(0, tl.cdiv(N, BN)):
+        jk = kb * BN + tl.arange(0, BN)
+        vk = jk < N
+        ky, kx, KY, KX, kr, kc = grid_rows(jk, wy, wx, ws, ws, H, W, t, t)
+        koff = (kr.to(tl.int64) * W + kc) * s_ql
+        k = load_rows(qkv_b, koff, C + h * d, s_qc, d, vk, D)
+        v = load_rows(qkv_b, koff, 2 * C + h * d, s_qc, d, vk, D)
+        inv_nk = inv_norm(k)
+        kid = 3 * band(KY, H, ws, t) + band(KX, W, ws, t)
+        r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
+        s, raw = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
+        p = tl.exp2(s - lse[:, None])
+        dp = mma(do, tl.trans(v), PREC)
+        ds = p * (dp - delta[:, None])
+        dtau += tl.sum(ds * raw * inv_nk[None, :], 1) * inv_nq
+        dqh += mma((ds * inv_nk[None, :]).to(DT), k, PREC)
+        bias_grad_add(dbias_h, r, ds, vq[:, None] & vk[None, :], fx, DETERMINISTIC)
+
+    dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
+    store_rows(DQKV + b64 * s_db, qpos * s_dl, h * d, s_dc, d, vq, dq, D)
+    tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau, 0))
+
+
+@triton.jit
+def window_bwd_dkv(
+    QKV, SCALE, BIAS, DOUT, LSE, DELTA, DQKV,
+    s_qb, s_ql, s_qc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
+    H, W, ws, t, nWw, nW, nh, d, C, N, Rw, R,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    DT = QKV.dtype.element_ty
+    b64 = b.to(tl.int64)
+    qkv_b = QKV + b64 * s_qb
+    dout_b = DOUT + b64 * s_gb
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+
+    jk = pid_m * BM + tl.arange(0, BM)
+    vk = jk < N
+    ky, kx, KY, KX, kr, kc = grid_rows(jk, wy, wx, ws, ws, H, W, t, t)
+    kpos = kr.to(tl.int64) * W + kc
+    k = load_rows(qkv_b, kpos * s_ql, C + h * d, s_qc, d, vk, D)
+    v = load_rows(qkv_b, kpos * s_ql, 2 * C + h * d, s_qc, d, vk, D)
+    nk = row_norm(k)
+    inv_nk = 1.0 / tl.maximum(nk, EPS)
+    sk = inv_nk * (tau * LOG2E)
+    kid = 3 * band(KY, H, ws, t) + band(KX, W, ws, t)
+
+    dkh = tl.zeros([BM, D], tl.float32)
+    dv = tl.zeros([BM, D], tl.float32)
+    for qb in range(0, tl.cdiv(N, BN)):
+        j = qb * BN + tl.arange(0, BN)
+        vq = j < N
+        qy, qx, QY, QX, qr, qc = grid_rows(j, wy, wx, ws, ws, H, W, t, t)
+        qpos = qr.to(tl.int64) * W + qc
+        q = load_rows(qkv_b, qpos * s_ql, h * d, s_qc, d, vq, D)
+        inv_nq = inv_norm(q)
+        qid = 3 * band(QY, H, ws, t) + band(QX, W, ws, t)
+        r = (qy[None, :] - ky[:, None] + ws - 1) * Rw + (qx[None, :] - kx[:, None] + ws - 1)
+        s, _ = logits(k, sk, q, inv_nq, bias_h, r, kid, qid, vk, vq, PREC)
+        row = pid.to(tl.int64) * N + j
+        lse = tl.load(LSE + row, mask=vq, other=0.0)
+        delta = tl.load(DELTA + row, mask=vq, other=0.0)
+        p = tl.exp2(s - lse[None, :])
+        do = load_rows(dout_b, qpos * s_gl, h * d, s_gc, d, vq, D).to(DT)
+        dv += mma(p.to(DT), do, PREC)
+        dp = mma(v, tl.trans(do), PREC)
+        ds = p * (dp - delta[None, :])
+        dkh += mma((ds * inv_nq[None, :]).to(DT), q, PREC)
+
+    dk = normalize_bwd(k, inv_nk, nk, dkh * tau)
+    dqkv_b = DQKV + b64 * s_db
+    store_rows(dqkv_b, kpos * s_dl, C + h * d, s_dc, d, vk, dk, D)
+    store_rows(dqkv_b, kpos * s_dl, 2 * C + h * d, s_dc, d, vk, dv, D)

@@ -1,0 +1,63 @@
+"""Forward kernel of (shifted) window attention.
+
+One program per (batch, window, head, block of queries); it loops over the window's
+keys (N = ws*ws <= 1296) with an online softmax, reading q/k/v in place from qkv
+(token j of window n at geometry.token_position) and writing Y straight into
+(B, H*W, C), plus the per-row log-sum-exp (log2 units) for the backward.
+
+Geometry arguments, in this order in every window kernel (see launcher.window_geo_args):
+H, W, ws, t (shift, also the mask shift), nWw, nW, nh, d, C, N, Rw (= 2 ws - 1), R.
+"""
+import triton
+import triton.language as tl
+
+from .common import LOG2E, band, decode_bwh, grid_rows, inv_norm, load_rows, mma, logits, store_rows
+
+
+@triton.jit
+def window_fwd(
+    QKV, SCALE, BIAS, OUT, LSE,
+    s_qb, s_ql, s_qc, s_ob, s_ol, s_oc,
+    H, W, ws, t, nWw, nW, nh, d, C, N, Rw, R,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
+    DT = QKV.dtype.element_ty
+    qkv_b = QKV + b.to(tl.int64) * s_qb
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+
+    j = pid_m * BM + tl.arange(0, BM)
+    vq = j < N
+    qy, qx, QY, QX, qr, qc = grid_rows(j, wy, wx, ws, ws, H, W, t, t)
+    qpos = qr.to(tl.int64) * W + qc
+    q = load_rows(qkv_b, qpos * s_ql, h * d, s_qc, d, vq, D)
+    inv_nq = inv_norm(q)
+    sq = inv_nq * (tau * LOG2E)
+    qid = 3 * band(QY, H, ws, t) + band(QX, W, ws, t)
+
+    m = tl.full([BM], float("-inf"), tl.float32)
+    l = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, D], tl.float32)
+    for kb in range(0, tl.cdiv(N, BN)):
+        jk = kb * BN + tl.arange(0, BN)
+        vk = jk < N
+        ky, kx, KY, KX, kr, kc = grid_rows(jk, wy, wx, ws, ws, H, W, t, t)
+        koff = (kr.to(tl.int64) * W + kc) * s_ql
+        k = load_rows(qkv_b, koff, C + h * d, s_qc, d, vk, D)
+        v = load_rows(qkv_b, koff, 2 * C + h * d, s_qc, d, vk, D)
+        inv_nk = inv_norm(k)
+        kid = 3 * band(KY, H, ws, t) + band(KX, W, ws, t)
+        r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
+        s, _ = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + mma(p.to(DT), v, PREC)
+        m = m_new
+
+    store_rows(OUT + b.to(tl.int64) * s_ob, qpos * s_ol, h * d, s_oc, d, vq, acc / l[:, None], D)
+    tl.store(LSE + pid.to(tl.int64) * N + j, m + tl.log2(l), mask=vq)

@@ -1,0 +1,234 @@
+"""Numerics of the Triton kernels, forward and backward, run by Triton's interpreter on the CPU.
+
+Triton chooses the interpreter when triton is imported with TRITON_INTERPRET=1 (its own
+triton.language helpers are decorated at that import), so the driver test below re-runs this
+file in a subprocess with that variable set; the cases run only there. CI sets nothing.
+
+Ground truth: grl_kernels.reference in float64 on the same inputs (16-bit inputs are rounded
+first, so the comparison measures the kernels' arithmetic, not the input rounding).
+
+Tolerances, as max|err| / max|expected| per tensor:
+- float32: 1e-4. The kernels accumulate in float32 in another order than the reference; logits
+  reach |tau cos| + 16 + 100 ~ 2^8, so their rounding is ~2^8 * 6e-8 ~ 1e-5 relative to the
+  softmax inputs, and sums over up to N1 terms add a few 1e-6. Observed: <= 1e-5. An index,
+  shift or mask mistake gives O(1) errors.
+- bfloat16 (u = 2^-9 ~ 2e-3) / float16 (u = 2^-12 ~ 2.4e-4): the products take P, Z, dS and dZ
+  rounded to the input dtype and every result is rounded once more. Outputs: 3e-2 / 4e-3.
+  Gradients: 1e-1 / 1.5e-2; the tau gradients are sums of dS * cos that cancel (rows of dS sum
+  to 0), so their relative error is the largest. For scale: on the half-precision cases below the
+  reference path itself, run in that dtype, is off by 4.7e-2 (bf16) / 1.1e-2 (fp16) on the output
+  and by up to 9.7e-2 / 2.6e-2 on the gradients; the kernels measured 8e-3 / 5e-4 and 5.6e-2 / 3e-3.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the TRITON_INTERPRET=1 subprocess")
+
+FWD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+BWD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 1.5e-2}
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="this is the driver of the interpreter subprocess")
+def test_interpreter_suite():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", str(pathlib.Path(__file__))]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    print(r.stdout[-12000:])
+    assert r.returncode == 0, f"interpreter suite failed (rc {r.returncode}):\n{r.stdout[-8000:]}\n{r.stderr[-4000:]}"
+
+
+if IN_INTERPRETER:
+    from grl_kernels.backends import triton as T
+    from grl_kernels.backends.triton import launcher
+    from triton_helpers import (
+        reference_stripe, reference_window, rel_err, run_stripe, run_window, stripe_case, window_case,
+    )
+
+# (B, x_size, stripe_size, stripe_groups, shift, f, nh, d, options)
+STRIPE_CASES = {
+    # horizontal stripes, shifted, non-square, head dim 30, batch 2
+    "h_shift_nonsquare_d30_b2": (2, (16, 24), (8, 12), (None, None), True, 2, 2, 30, {}),
+    # vertical block of the published presets: stripe [None, 8] / groups [4, None], f 4, shifted
+    "w_groups_shift_f4": (1, (32, 16), (None, 8), (4, None), True, 4, 2, 16, {}),
+    # anchor shift t // f == 0 in width (the t = 0 quirk: every anchor column is band 2)
+    "quirk_anchor_t0": (1, (8, 32), (8, None), (None, 4), True, 4, 1, 32, {}),
+    # not shifted, f 4, larger window
+    "unshifted_f4": (1, (32, 32), (16, 16), (None, None), False, 4, 2, 16, {}),
+    # qkv a strided channel slice, anchor a permuted slice, zero vectors (F.normalize's eps)
+    "strided_zero_rows": (1, (16, 16), (8, 8), (None, None), True, 2, 2, 12, dict(strided=True, zero_rows=True)),
+    # small blocks and 3 splits: multi-block loops, partial blocks, split-K combine
+    "blocks16_splits3": (1, (16, 24), (8, 12), (None, None), True, 2, 1, 20, dict(BM=16, BN=16, splits=3)),
+    # head dim 1 and 128 (padding to 16, widest tile). With d = 1, cos = +-1: the anchor gradient
+    # is 0 in exact arithmetic and tau1's is a cancelling sum, so errors are measured against 1
+    # (absolute), as in conftest.max_scaled_error; the float32 reference is off by as much.
+    "head_dim_1": (1, (8, 16), (8, 8), (None, None), True, 2, 3, 1, dict(floor=1.0)),
+    "head_dim_128": (1, (8, 8), (8, 8), (None, None), False, 2, 1, 128, {}),
+}
+
+# (B, x_size, ws, shift, nh, d, options)
+WINDOW_CASES = {
+    "shift_nonsquare_d30_b2": (2, (16, 24), 8, True, 2, 30, {}),
+    "unshifted_ws4": (1, (8, 16), 4, False, 1, 16, {}),
+    "ws6_strided": (1, (12, 18), 6, True, 2, 8, dict(strided=True)),
+    "blocks16": (1, (16, 16), 8, True, 1, 32, dict(BM=16, BN=16)),
+}
+
+
+def _split_opts(opts):
+    build = {k: v for k, v in opts.items() if k in ("strided", "zero_rows")}
+    over = {k: v for k, v in opts.items() if k in ("BM", "BN", "splits")}
+    return build, over, opts.get("floor", 1e-30)
+
+
+def _check(out, grads, ref_out, ref_grads, dtype, label, floor=1e-30):
+    errs = {"out": rel_err(out, ref_out, floor)}
+    errs.update({k: rel_err(grads[k], ref_grads[k], floor) for k in ref_grads})
+    print(label, {k: f"{v:.1e}" for k, v in errs.items()})
+    assert errs["out"] <= FWD_TOL[dtype], (label, errs)
+    for k, v in errs.items():
+        assert v <= BWD_TOL[dtype], (label, k, errs)
+    return errs
+
+
+def _stripe_check(name, dtype=torch.float32, deterministic=False):
+    B, x_size, ss, sg, shift, f, nh, d, opts = STRIPE_CASES[name]
+    build, over, floor = _split_opts(opts)
+    g, inputs = stripe_case(B, x_size, ss, sg, shift, f, nh, d, dtype, **build)
+    grad_out = torch.randn(B, g.H * g.W, nh * d, dtype=torch.float64).to(dtype)
+    ref_out, ref_grads = reference_stripe(g, nh, inputs, grad_out)
+    T.set_deterministic(deterministic)
+    try:
+        with launcher.override(**over):
+            out, grads = run_stripe(T.stripe_attention, g, nh, inputs, grad_out, dtype)
+    finally:
+        T.set_deterministic(None)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    assert grads["qkv"].shape == inputs["qkv"].shape and grads["anchor"].shape == inputs["anchor"].shape
+    return _check(out, grads, ref_out, ref_grads, dtype, f"stripe {name} {dtype}", floor)
+
+
+def _window_check(name, dtype=torch.float32, deterministic=False):
+    B, x_size, ws, shift, nh, d, opts = WINDOW_CASES[name]
+    build, over, floor = _split_opts(opts)
+    g, inputs = window_case(B, x_size, ws, shift, nh, d, dtype, **build)
+    grad_out = torch.randn(B, g.H * g.W, nh * d, dtype=torch.float64).to(dtype)
+    ref_out, ref_grads = reference_window(g, nh, inputs, grad_out)
+    T.set_deterministic(deterministic)
+    try:
+        with launcher.override(**over):
+            out, grads = run_window(T.window_attention, g, nh, inputs, grad_out, dtype)
+    finally:
+        T.set_deterministic(None)
+    return _check(out, grads, ref_out, ref_grads, dtype, f"window {name} {dtype}", floor)
+
+
+@interp
+@pytest.mark.parametrize("name", list(STRIPE_CASES))
+def test_stripe_float32(name):
+    _stripe_check(name)
+
+
+@interp
+@pytest.mark.parametrize("name", list(WINDOW_CASES))
+def test_window_float32(name):
+    _window_check(name)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_stripe_half(dtype):
+    _stripe_check("h_shift_nonsquare_d30_b2", dtype)
+
+
+@interp
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_window_half(dtype):
+    _window_check("shift_nonsquare_d30_b2", dtype)
+
+
+@interp
+def test_deterministic_mode_matches_and_repeats():
+    """Fixed-point bias gradients: as accurate as the float path, and the same bits twice."""
+    name = "w_groups_shift_f4"
+    B, x_size, ss, sg, shift, f, nh, d, _ = STRIPE_CASES[name]
+    g, inputs = stripe_case(B, x_size, ss, sg, shift, f, nh, d)
+    grad_out = torch.randn(B, g.H * g.W, nh * d) * 1e3  # large gradients: the fixed-point scale adapts
+    ref_out, ref_grads = reference_stripe(g, nh, inputs, grad_out)
+    runs = []
+    T.set_deterministic(True)
+    try:
+        assert T.is_deterministic()
+        for _ in range(2):
+            runs.append(run_stripe(T.stripe_attention, g, nh, inputs, grad_out, torch.float32))
+    finally:
+        T.set_deterministic(None)
+    _check(*runs[0], ref_out, ref_grads, torch.float32, "deterministic")
+    for k in runs[0][1]:
+        assert torch.equal(runs[0][1][k], runs[1][1][k]), k
+    _window_check("unshifted_ws4", deterministic=True)
+
+
+@interp
+def test_golden_fixture_stripe():
+    """The published code's own numbers (float32 fixture), through the module API."""
+    import grl_kernels as G
+
+    path = pathlib.Path(os.environ.get("GRL_FIXTURES", ROOT / "tests" / "fixtures")) / "golden_stripe_attention.pt"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    case = torch.load(path, weights_only=False)["cases"][0]
+    ss, sg = case["stripe_size"], case["stripe_groups"]
+    if case["stripe_type"] == "W":
+        ss, sg = ss[::-1], sg[::-1]
+    m = G.AnchoredStripeAttention(case["x_size"], ss, sg, case["stripe_shift"], case["num_heads"],
+                                  anchor_window_down_factor=case["anchor_window_down_factor"], backend="triton")
+    m.load_state_dict(case["state_dict"])
+    qkv = case["qkv"].clone().requires_grad_()
+    anchor = case["anchor"].clone().requires_grad_()
+    out = m(qkv, anchor, case["x_size"])
+    out.backward(case["grad_output"])
+    assert rel_err(out, case["output"]) <= 1e-4
+    assert rel_err(qkv.grad, case["grad_qkv"]) <= 1e-4
+    assert rel_err(anchor.grad, case["grad_anchor"]) <= 1e-4
+    params = dict(m.named_parameters())
+    for k, v in case["grad_params"].items():
+        assert rel_err(params[k].grad, v) <= 1e-4, k
+
+
+@interp
+def test_torch_compile_fullgraph_and_opcheck():
+    """The custom ops trace under torch.compile(fullgraph=True) (fake impls, registered autograd)."""
+    import grl_kernels as G
+    from grl_kernels.backends.triton import autograd as A
+
+    g, inputs = stripe_case(1, (8, 16), (8, 8), (None, None), True, 2, 2, 16)
+    leaves = {k: v.float().requires_grad_() for k, v in inputs.items()}
+
+    def fn(qkv, anchor, s1, b1, s2, b2):
+        return G.stripe_attention(qkv, anchor, g, 2, s1, b1, s2, b2, backend="triton").square().sum()
+
+    args = [leaves[k] for k in ("qkv", "anchor", "scale1", "bias1", "scale2", "bias2")]
+    eager = torch.autograd.grad(fn(*args), args)
+    compiled_fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    compiled = torch.autograd.grad(compiled_fn(*args), args)
+    for a, b in zip(eager, compiled):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    gl = A.stripe_geom_list(g)
+    torch.library.opcheck(A.stripe_fwd, tuple(args) + (gl, 2), test_utils=("test_schema", "test_faketensor",
+                                                                           "test_autograd_registration"))
+    wg, winputs = window_case(1, (8, 8), 4, True, 1, 16)
+    wargs = tuple(winputs[k].float().requires_grad_() for k in ("qkv", "scale", "bias"))
+    torch.library.opcheck(A.window_fwd, wargs + (A.window_geom_list(wg), 1),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
