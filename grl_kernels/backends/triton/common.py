@@ -103,6 +103,13 @@ def inv_norm(x):
 
 
 @triton.jit
+def unit_rows(x, inv, DT: tl.constexpr):
+    """x / max(||x||, eps) per row, in DT. The gradient products use this operand (|x_hat| <= 1)
+    rather than dS / ||x||, which overflows float16 for vectors below eps (1 / eps = 1e12)."""
+    return (x.to(tl.float32) * inv[:, None]).to(DT)
+
+
+@triton.jit
 def normalize_bwd(x, inv, n, dxhat):
     """Gradient of F.normalize: (dxhat - xhat (xhat . dxhat)) / ||x||, or dxhat / eps below eps."""
     xhat = x.to(tl.float32) * inv[:, None]

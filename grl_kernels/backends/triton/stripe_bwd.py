@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .common import (
     EPS, LOG2E, band, bias_grad_add, decode_bwh, grid_rows, inv_norm, load_rows, load_ws, logits, mma,
-    normalize_bwd, row_norm, store_rows, store_ws,
+    normalize_bwd, row_norm, unit_rows, store_rows, store_ws,
 )
 
 
@@ -77,7 +77,7 @@ def stripe_bwd_tokens2(
         dp = mma(do, tl.trans(z), PREC)
         ds = p * (dp - delta[:, None])
         dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nq
-        dqh += mma((ds * inv_na[None, :]).to(DT), a, PREC)
+        dqh += mma(ds.to(DT), unit_rows(a, inv_na, DT), PREC)
         bias_grad_add(dbias_h, r, ds, vj[:, None] & vi[None, :], fx, DETERMINISTIC)
 
     dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
@@ -135,7 +135,7 @@ def stripe_bwd_anchors2(
         dz += mma(p.to(DT), do, PREC)
         dp = mma(zi, tl.trans(do), PREC)
         ds = p * (dp - delta[None, :])
-        dah += mma((ds * inv_nq[None, :]).to(DT), q, PREC)
+        dah += mma(ds.to(DT), unit_rows(q, inv_nq, DT), PREC)
 
     row = (pid_s * BWH + pid).to(tl.int64) * N2 + i
     store_ws(DZP, row, vi, dz, D)
@@ -189,7 +189,7 @@ def stripe_bwd_anchors1(
         p = tl.exp2(s - lse[:, None])
         dp = mma(dzi, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
-        dah += mma((ds * inv_nk[None, :]).to(DT), k, PREC)
+        dah += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
 
     store_ws(DAP, (pid_s * BWH + pid).to(tl.int64) * N2 + i, vi, dah * tau, D)
 
@@ -267,7 +267,7 @@ def stripe_bwd_tokens1(
         dp = mma(v, tl.trans(dz), PREC)
         ds = p * (dp - delta[None, :])
         dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nk
-        dkh += mma((ds * inv_na[None, :]).to(DT), a, PREC)
+        dkh += mma(ds.to(DT), unit_rows(a, inv_na, DT), PREC)
         bias_grad_add(dbias_h, r, ds, vj[:, None] & vi[None, :], fx, DETERMINISTIC)
 
     dk = normalize_bwd(k, inv_nk, nk, dkh * tau)

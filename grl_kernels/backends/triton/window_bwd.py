@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .common import (
     EPS, LOG2E, band, bias_grad_add, decode_bwh, grid_rows, inv_norm, load_rows, logits, mma, normalize_bwd,
-    row_norm, store_rows,
+    row_norm, store_rows, unit_rows,
 )
 
 
@@ -64,7 +64,7 @@ def window_bwd_dq(
         dp = mma(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
         dtau += tl.sum(ds * raw * inv_nk[None, :], 1) * inv_nq
-        dqh += mma((ds * inv_nk[None, :]).to(DT), k, PREC)
+        dqh += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
         bias_grad_add(dbias_h, r, ds, vq[:, None] & vk[None, :], fx, DETERMINISTIC)
 
     dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
@@ -120,7 +120,7 @@ def window_bwd_dkv(
         dv += mma(p.to(DT), do, PREC)
         dp = mma(v, tl.trans(do), PREC)
         ds = p * (dp - delta[None, :])
-        dkh += mma((ds * inv_nq[None, :]).to(DT), q, PREC)
+        dkh += mma(ds.to(DT), unit_rows(q, inv_nq, DT), PREC)
 
     dk = normalize_bwd(k, inv_nk, nk, dkh * tau)
     dqkv_b = DQKV + b64 * s_db
