@@ -16,6 +16,7 @@ from .backends import (
 from .functional import anchored_stripe_attention, grl_window_attention, stripe_attention, window_attention
 from .geometry import StripeGeometry, WindowGeometry, stripe_geometry, window_geometry
 from .modules import AnchoredStripeAttention, WindowAttention
+from .patching import PatchReport, patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -36,4 +37,7 @@ __all__ = [
     "WindowGeometry",
     "stripe_geometry",
     "window_geometry",
+    "patch",
+    "unpatch",
+    "PatchReport",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -97,8 +97,9 @@ def published_cases(H: int = 64, W: int = 64) -> List[Case]:
 def odd_cases() -> List[Case]:
     """Geometries that exercise the quirks: t=0 anchor shift, non-square, f=2, head dim 30, big stripes."""
     return [
-        # stripe_groups on a small image: anchor shift t//f == 0 -> all anchors in band 2
-        _stripe("anchor shift t//f=0 (groups, small)", 16, 32, 2, 16, (8, None), (None, 4), True, 4),
+        # stripe_groups on a small image: width shift 16 // 8 = 2 < f = 4, so the anchor shift
+        # t // f is 0 and every anchor column is band 2 (spec sec. 2, the "-0" quirk)
+        _stripe("anchor shift t//f=0 (groups, small)", 16, 16, 2, 16, (8, None), (None, 4), True, 4),
         _stripe("non-square vertical shifted", 32, 48, 2, 30, (8, None), (None, 4), True, 4, vertical=True),
         _stripe("fixture-like W f2 d30", 48, 32, 3, 30, (16, 16), (None, None), False, 2, vertical=True),
         _stripe("stripe 16x16 shifted f2 batch 2", 32, 32, 3, 30, (16, 16), (None, None), True, 2, batch=2),
@@ -110,7 +111,7 @@ def odd_cases() -> List[Case]:
 
 def quick_check_cases() -> List[Case]:
     """A small subset for ``check --quick``: one of each kind of quirk at small sizes."""
-    pub = [c for c in published_cases(32, 32) if c.name.startswith("GRL-B") or c.name.startswith("GRL-T stripe V")]
+    pub = [c for c in published_cases(32, 48) if c.name.startswith("GRL-B") or c.name.startswith("GRL-T stripe V")]
     odd = odd_cases()
     return pub + [odd[0], odd[1], odd[2], odd[4], odd[5]]
 

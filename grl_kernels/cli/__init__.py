@@ -1,0 +1,116 @@
+"""The ``grl-kernels`` command (also ``python -m grl_kernels``).
+
+Subcommands: ``info`` (versions, devices, backends), ``check`` (every backend against
+the reference, plus the published-code fixtures), ``bench`` (attention microbenchmarks)
+and ``bench-model`` (whole GRL models). See docs/cli.md.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from typing import List, Optional
+
+from .commands import cmd_bench, cmd_bench_model, cmd_check, cmd_info
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grl-kernels", description="Fused GRL attention kernels: info, check, bench.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("info", help="versions, devices and which backends are available (and why not)")
+    s.add_argument("--json", metavar="FILE", help="also write the information as JSON")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("check", help="check every available backend against the reference path and the fixtures")
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--quick", dest="full", action="store_false", help="small geometries (default)")
+    mode.add_argument("--full", dest="full", action="store_true", help="all published and odd geometries, float64 too")
+    s.add_argument("--backend", action="append", metavar="NAME", help="check only this backend (repeatable)")
+    s.add_argument("--device", action="append", choices=("cpu", "cuda"), help="only this device (repeatable)")
+    s.add_argument("--dtype", action="append", choices=DTYPES, help="only this dtype (repeatable)")
+    s.add_argument("--case", action="append", metavar="TEXT",
+                   help="only cases whose name contains TEXT, e.g. 'window' or 'GRL-B' (repeatable)")
+    s.add_argument("--no-backward", action="store_true", help="forward only")
+    s.add_argument("--fixtures", metavar="DIR", help="folder of the published-code fixtures (default: $GRL_FIXTURES, ../shared/reference "
+                        "next to the repository, or its tests/fixtures)")
+    s.add_argument("--no-fixtures", action="store_true", help="skip the fixture checks")
+    s.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    s.add_argument("--markdown", metavar="FILE", help="write the table as Markdown")
+    s.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    s.set_defaults(func=cmd_check, full=False)
+
+    s = sub.add_parser("bench", help="attention microbenchmarks: time, memory, GFLOP/s, GB/s, speed-ups")
+    s.add_argument("--quick", action="store_true", help="two small geometries, few repetitions (~1 min on a CPU)")
+    s.add_argument("--geometry", action="append", metavar="SPEC",
+                   help="e.g. 'stripe:128x128,size=8xNone,groups=Nonex4,shift=1,f=4,heads=3,dim=30' or "
+                        "'window:128x128,ws=8,shift=1,heads=3,dim=30' (repeatable; default: the GRL set)")
+    s.add_argument("--size", metavar="HxW", help="image size of the default geometries")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    s.add_argument("--dtype", choices=DTYPES, default="float32")
+    s.add_argument("--reps", type=int, help="timed repetitions (default 10, --quick 3)")
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--backend", action="append", metavar="NAME", help="fused backend(s) to time (default: all available)")
+    s.add_argument("--baselines", default="reference,compile,flex",
+                   help="comma-separated from reference,compile,flex (default: all; 'none' for none)")
+    s.add_argument("--no-backward", action="store_true", help="time the forward only")
+    s.add_argument("--no-ceilings", action="store_true", help="skip measuring the matmul/copy ceilings")
+    s.add_argument("--model", action="store_true", help="run the whole-model benchmark instead (see bench-model)")
+    s.add_argument("--preset", action="append", help="with --model: GRL-T, GRL-S, GRL-B (repeatable)")
+    s.add_argument("--image-size", type=int, action="append", help="with --model: image side (repeatable)")
+    s.add_argument("--no-train", action="store_true", help="with --model: inference only")
+    s.add_argument("--json", metavar="FILE")
+    s.add_argument("--markdown", metavar="FILE")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("bench-model", help="whole-model benchmark: GRL-T/S/B inference and a training step")
+    s.add_argument("--preset", action="append", help="GRL-T, GRL-S, GRL-B or a preset name (repeatable; default all)")
+    s.add_argument("--image-size", type=int, action="append", help="image side (repeatable; default 256 and 512)")
+    s.add_argument("--task", help="task geometry of grl_kernels.models.TASK_GEOMETRIES (e.g. sr, denoise)")
+    s.add_argument("--quick", action="store_true", help="GRL-T on a 32x32 image, 1 repetition (a smoke run)")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--device", choices=("cpu", "cuda"))
+    s.add_argument("--dtype", choices=DTYPES[:3], default="float32", help="low precision runs under autocast")
+    s.add_argument("--reps", type=int, default=3)
+    s.add_argument("--backend", action="append", metavar="NAME")
+    s.add_argument("--no-train", action="store_true", help="inference only")
+    s.add_argument("--json", metavar="FILE")
+    s.add_argument("--markdown", metavar="FILE")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_bench_model)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in the Markdown reports
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    # SIGTERM (e.g. from `timeout`) becomes KeyboardInterrupt: check and bench then stop early
+    # and still print and write what they measured.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if hasattr(signal, "SIGTERM") else None
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        print(f"grl-kernels {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"grl-kernels {args.command}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
