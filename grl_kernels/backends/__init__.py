@@ -13,6 +13,10 @@ from .registry import (
 )
 from . import reference_backend  # noqa: F401  (registers "reference")
 from . import triton_backend  # noqa: F401  (registers "triton")
+try:  # compiled "cpu"/"cuda" backends: registered always, built lazily; never break the import
+    from . import cpu_backend, cuda_backend  # noqa: F401
+except Exception:  # pragma: no cover
+    pass
 
 __all__ = [
     "Backend",

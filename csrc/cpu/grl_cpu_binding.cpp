@@ -1,0 +1,62 @@
+// grl_cpu_binding.cpp -- Python module of the fused CPU kernels (plus the header's index
+// math materialized for tests). Layout conventions: see grl_cpu_common.h.
+#include "grl_cpu_common.h"
+
+// Bumped whenever the Python-visible signatures change; the loader rebuilds a stale build.
+#define GRL_ABI_VERSION 1
+#ifndef GRL_SOURCE_HASH  // set by the build (hash of csrc/, see build_config.py)
+#define GRL_SOURCE_HASH 0LL
+#endif
+
+namespace grl {
+namespace cpu {
+
+// ---------------------------------------------------------------------------
+// the header's index math, materialized (tests compare it with geometry.py)
+// ---------------------------------------------------------------------------
+std::vector<at::Tensor> stripe_tables(const std::vector<int64_t>& geom) {
+  const StripeGeom g = stripe_from(geom);
+  auto opt = at::TensorOptions().dtype(at::kLong);
+  auto tpos = at::empty({g.num_windows, g.n1}, opt), apos = at::empty({g.num_windows, g.n2}, opt);
+  auto tid = at::empty({g.num_windows, g.n1}, opt), aid = at::empty({g.num_windows, g.n2}, opt);
+  auto w2a = at::empty({g.n1, g.n2}, opt), a2w = at::empty({g.n2, g.n1}, opt);
+  auto tp = tpos.accessor<int64_t, 2>(), ap = apos.accessor<int64_t, 2>();
+  auto ti = tid.accessor<int64_t, 2>(), ai = aid.accessor<int64_t, 2>();
+  auto wa = w2a.accessor<int64_t, 2>(), aw = a2w.accessor<int64_t, 2>();
+  for (int64_t w = 0; w < g.num_windows; ++w) {
+    for (int64_t j = 0; j < g.n1; ++j) tp[w][j] = stripe_token_position(g, w, j), ti[w][j] = stripe_token_region(g, w, j);
+    for (int64_t i = 0; i < g.n2; ++i) ap[w][i] = stripe_anchor_position(g, w, i), ai[w][i] = stripe_anchor_region(g, w, i);
+  }
+  for (int64_t j = 0; j < g.n1; ++j)
+    for (int64_t i = 0; i < g.n2; ++i) wa[j][i] = stripe_w2a_index(g, j, i), aw[i][j] = stripe_a2w_index(g, i, j);
+  return {tpos, apos, tid, aid, w2a, a2w};
+}
+
+std::vector<at::Tensor> window_tables(const std::vector<int64_t>& geom) {
+  const WindowGeom g = window_from(geom);
+  auto opt = at::TensorOptions().dtype(at::kLong);
+  auto pos = at::empty({g.num_windows, g.n}, opt), rid = at::empty({g.num_windows, g.n}, opt);
+  auto idx = at::empty({g.n, g.n}, opt);
+  auto p = pos.accessor<int64_t, 2>(), r = rid.accessor<int64_t, 2>(), ix = idx.accessor<int64_t, 2>();
+  for (int64_t w = 0; w < g.num_windows; ++w)
+    for (int64_t j = 0; j < g.n; ++j) p[w][j] = window_token_position(g, w, j), r[w][j] = window_token_region(g, w, j);
+  for (int64_t a = 0; a < g.n; ++a)
+    for (int64_t c = 0; c < g.n; ++c) ix[a][c] = window_rel_index(g, a, c);
+  return {pos, rid, idx};
+}
+
+}  // namespace cpu
+}  // namespace grl
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "grl_kernels fused CPU kernels (anchored stripe and window attention)";
+  m.attr("abi_version") = GRL_ABI_VERSION;
+  m.attr("source_hash") = static_cast<int64_t>(GRL_SOURCE_HASH);
+  m.def("stripe_forward", &grl::cpu::stripe_forward, "stripe attention forward -> [out, Z, lse1]");
+  m.def("stripe_backward", &grl::cpu::stripe_backward,
+        "stripe attention backward -> (d_qkv, d_anchor, d_tau1, d_bias1 (nh, R), d_tau2, d_bias2)");
+  m.def("window_forward", &grl::cpu::window_forward, "window attention forward -> [out]");
+  m.def("window_backward", &grl::cpu::window_backward, "window attention backward -> (d_qkv, d_tau, d_bias (nh, R))");
+  m.def("stripe_tables", &grl::cpu::stripe_tables, "header index math: token/anchor positions, regions, w2a, a2w");
+  m.def("window_tables", &grl::cpu::window_tables, "header index math: positions, regions, relative index");
+}

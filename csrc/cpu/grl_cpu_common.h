@@ -1,0 +1,100 @@
+// grl_cpu_common.h -- shared pieces of the fused CPU kernels (one job per file:
+// grl_cpu_stripe.cpp, grl_cpu_window.cpp, grl_cpu_binding.cpp).
+//
+// Math (GRL_ATTENTION_SPEC.md): per window and head, with x_hat = x / max(||x||, 1e-12),
+//   stage 1  Z = softmax_j(tau1 a_hat_i . k_hat_j + B1[r(i,j)] + M1) v      (anchors -> tokens)
+//   stage 2  Y = softmax_i(tau2 q_hat_j . a_hat_i + B2[r(j,i)] + M2) Z      (tokens -> anchors)
+//   window   Y = softmax_j(tau  q_hat_i . k_hat_j + B [r(i,j)] + M ) v
+// Layout: qkv (B, H*W, 3C) [q|k|v], head-major channels, ANY strides (read in place);
+// anchor (B, H/f, W/f, C) any strides; out (B, H*W, C) contiguous; bias tables are
+// passed transposed as (nh, R) contiguous in the accumulation type.
+//
+// Work split: one task = (batch, window, head). Nothing of size N1 x N2 is stored:
+// stage 1 streams token blocks with an online softmax (saving Z and the row
+// log-sum-exp for the backward), stage 2 and window rows are complete (N2 / N
+// entries) and use an exact softmax. The backward recomputes probabilities from
+// the saved log-sum-exp (stage 1) or the logits (stage 2, window). Per-head grads
+// of tau and of the bias tables are accumulated per worker chunk, then summed.
+#pragma once
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "grl_geometry.h"
+#include "grl_cpu_kernels.h"
+
+namespace grl {
+namespace cpu {
+
+constexpr int64_t kBlock = 64;  // tokens per block of stage 1
+constexpr int64_t kMaxStackD = 1024;  // largest head dim (one row on the stack)
+
+// Strided 3-D view (B, L, C) of a tensor, element offsets.
+struct View3 {
+  int64_t sb, sl, sc;
+};
+
+inline StripeGeom stripe_from(const std::vector<int64_t>& p) {
+  TORCH_CHECK(p.size() == 8, "stripe geometry needs 8 ints (H, W, sh, sw, shift_h, shift_w, down, shifted)");
+  return make_stripe_geom(p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]);
+}
+
+inline WindowGeom window_from(const std::vector<int64_t>& p) {
+  TORCH_CHECK(p.size() == 4, "window geometry needs 4 ints (H, W, ws, shift)");
+  return make_window_geom(p[0], p[1], p[2], p[3]);
+}
+
+// Static split of `tasks` into `chunks` contiguous ranges processed in parallel;
+// fn(chunk, task) -- chunk indexes the per-chunk reduction buffers.
+template <typename F>
+inline void for_chunks(int64_t tasks, int64_t chunks, const F& fn) {
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      const int64_t t0 = tasks * ch / chunks, t1 = tasks * (ch + 1) / chunks;
+      for (int64_t t = t0; t < t1; ++t) fn(ch, t);
+    }
+  });
+}
+
+inline int64_t num_chunks(int64_t tasks) {
+  return std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads()));
+}
+
+inline at::ScalarType acc_type_of(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_common(const at::Tensor& qkv, int64_t nh, int64_t H, int64_t W) {
+  TORCH_CHECK(qkv.device().is_cpu(), "grl cpu kernels: qkv must be a CPU tensor");
+  TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == H * W && qkv.size(2) % 3 == 0,
+              "grl cpu kernels: qkv must be (B, H*W, 3C)");
+  TORCH_CHECK(nh > 0 && (qkv.size(2) / 3) % nh == 0, "grl cpu kernels: C must be divisible by num_heads");
+  TORCH_CHECK((qkv.size(2) / 3) / nh <= kMaxStackD, "grl cpu kernels: head dim above ", kMaxStackD);
+}
+
+inline void check_param(const at::Tensor& t, at::ScalarType acc, int64_t n0, int64_t n1, const char* name) {
+  TORCH_CHECK(t.scalar_type() == acc && t.is_contiguous() && t.device().is_cpu(), "grl cpu kernels: ", name,
+              " must be a contiguous CPU tensor of the accumulation dtype");
+  TORCH_CHECK(t.numel() == n0 * n1, "grl cpu kernels: ", name, " has ", t.numel(), " elements, expected ", n0 * n1);
+}
+
+// Entry points (Python-visible through grl_cpu_binding.cpp).
+std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& anchor, const at::Tensor& tau1,
+                                       const at::Tensor& bias1, const at::Tensor& tau2, const at::Tensor& bias2,
+                                       const std::vector<int64_t>& geom, int64_t nh);
+std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& anchor,
+                                        const at::Tensor& tau1, const at::Tensor& bias1, const at::Tensor& tau2,
+                                        const at::Tensor& bias2, const at::Tensor& zsave, const at::Tensor& lsesave,
+                                        const std::vector<int64_t>& geom, int64_t nh);
+std::vector<at::Tensor> window_forward(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor& bias,
+                                       const std::vector<int64_t>& geom, int64_t nh);
+std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& tau,
+                                        const at::Tensor& bias, const std::vector<int64_t>& geom, int64_t nh);
+std::vector<at::Tensor> stripe_tables(const std::vector<int64_t>& geom);
+std::vector<at::Tensor> window_tables(const std::vector<int64_t>& geom);
+
+}  // namespace cpu
+}  // namespace grl

@@ -1,0 +1,92 @@
+// grl_cuda.h -- host API of the CUDA kernels (no torch headers: the .cu files compile with
+// nothing but the CUDA toolkit; csrc/cuda/grl_cuda_binding.cpp wraps them for torch).
+//
+// Layouts (element strides, 64-bit): qkv (B, H*W, 3C) [q|k|v] head-major channels, any
+// strides; anchor (B, H/f, W/f, C) any strides; outputs and gradients of qkv/anchor are
+// contiguous in the input dtype; everything else (tau (nh), bias tables TRANSPOSED to
+// (nh, R), saved state, workspaces, parameter gradients) is contiguous float32.
+// Every float32 gradient buffer must be zero-initialized by the caller.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "grl_geometry.h"
+
+namespace grl {
+namespace cuda {
+
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct StripeProblem {
+  StripeGeom g;
+  int64_t B, C, nh, d;
+  int dtype;
+  const void* qkv;
+  int64_t q_sb, q_sl, q_sc;
+  const void* anchor;
+  int64_t a_sb, a_sh, a_sw, a_sc;
+  const float* tau1;
+  const float* bias1;  // (nh, R)
+  const float* tau2;
+  const float* bias2;  // (nh, R)
+};
+
+// Forward state kept for the backward (all float32, contiguous).
+struct StripeSaved {
+  float* z;     // (B, windows, nh, N2, d)   stage-1 output Z
+  float* lse1;  // (B, windows, nh, N2)      stage-1 row log-sum-exp
+  float* lse2;  // (B, windows, nh, N1)      stage-2 row log-sum-exp
+  float* qn;    // (B, H*W, nh)              ||q||
+  float* kn;    // (B, H*W, nh)              ||k||
+  float* an;    // (B, Ha*Wa, nh)            ||anchor||
+};
+
+struct StripeGrads {
+  const void* gout;  // (B, H*W, C) contiguous, input dtype
+  void* gqkv;        // (B, H*W, 3C) contiguous, input dtype (fully written)
+  void* ganc;        // (B, Ha, Wa, C) contiguous, input dtype (fully written)
+  float* dtau1;      // (nh) zeroed
+  float* dbias1;     // (nh, R) zeroed
+  float* dtau2;
+  float* dbias2;
+  float* dz;  // workspace (B, windows, nh, N2, d)
+  float* da;  // workspace (B, windows, nh, N2, d)
+  float* d1;  // workspace (B, windows, nh, N2)
+  float* d2;  // workspace (B, windows, nh, N1)
+};
+
+struct WindowProblem {
+  WindowGeom g;
+  int64_t B, C, nh, d;
+  int dtype;
+  const void* qkv;
+  int64_t q_sb, q_sl, q_sc;
+  const float* tau;
+  const float* bias;  // (nh, R)
+};
+
+struct WindowSaved {
+  float* lse;  // (B, windows, nh, N)
+  float* qn;   // (B, H*W, nh)
+  float* kn;   // (B, H*W, nh)
+};
+
+struct WindowGrads {
+  const void* gout;  // (B, H*W, C) contiguous
+  void* gqkv;        // (B, H*W, 3C) contiguous (fully written)
+  float* dtau;       // (nh) zeroed
+  float* dbias;      // (nh, R) zeroed
+  float* drow;       // workspace (B, windows, nh, N): D_i = dY_i . Y_i
+};
+
+// Largest head dim the kernels take (register tiles of 32 or 64 floats).
+constexpr int64_t kMaxHeadDim = 64;
+
+cudaError_t stripe_forward(const StripeProblem& p, void* out, const StripeSaved& s, cudaStream_t stream);
+cudaError_t stripe_backward(const StripeProblem& p, const StripeSaved& s, const StripeGrads& gr, cudaStream_t stream);
+cudaError_t window_forward(const WindowProblem& p, void* out, const WindowSaved& s, cudaStream_t stream);
+cudaError_t window_backward(const WindowProblem& p, const WindowSaved& s, const WindowGrads& gr, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace grl

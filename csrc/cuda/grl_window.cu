@@ -1,0 +1,252 @@
+// grl_window.cu -- CUDA kernels of GRL's (shifted) window attention (SIMT, one thread per row).
+//
+// Math (per window w, head h; x_hat = x / max(||x||, 1e-12)):
+//   S[i, j] = tau q_hat_i . k_hat_j + B[rel(i, j)] + M[i, j],   Y = softmax_j(S) v
+// Forward: one thread per query row, online softmax over the N = ws^2 keys, saves lse.
+// Backward (FlashAttention-2 style): query kernel -> dq, D_i = rowsum(P * dP), dtau, dbias;
+// key kernel -> dk, dv (each thread owns its key row, no atomics except dtau / dbias).
+// Inputs are read in place through 64-bit element strides; index math is grl_geometry.h.
+#include "grl_cuda_common.cuh"
+
+namespace grl {
+namespace cuda {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ const T* wtoken_ptr(const WindowProblem& p, int64_t b, int64_t pos, int part, int64_t h) {
+  return static_cast<const T*>(p.qkv) + b * p.q_sb + pos * p.q_sl + (part * p.C + h * p.d) * p.q_sc;
+}
+
+struct WTask {
+  int64_t b, win, h;
+};
+
+__device__ __forceinline__ WTask split_wtask(int64_t task, int64_t nh, int64_t nw) {
+  WTask t;
+  t.h = task % nh;
+  t.win = (task / nh) % nw;
+  t.b = task / (nh * nw);
+  return t;
+}
+
+__device__ __forceinline__ float wmask(const WindowGeom& g, int a, int b) {
+  return (g.shift > 0 && a != b) ? kMaskValue : 0.0f;
+}
+
+template <typename T, int MAXD>
+__global__ void window_forward_kernel(WindowProblem p, WindowSaved s, T* out) {
+  const WindowGeom g = p.g;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n, L = g.H * g.W, d = p.d;
+  for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
+    const int64_t i = idx % g.n, task = idx / g.n;
+    const WTask t = split_wtask(task, p.nh, g.num_windows);
+    const int64_t pos = window_token_position(g, t.win, i);
+    float q[MAXD], y[MAXD];
+    load_row<T, MAXD>(wtoken_ptr<T>(p, t.b, pos, 0, t.h), p.q_sc, d, inv_norm(s.qn[(t.b * L + pos) * p.nh + t.h]), q);
+#pragma unroll
+    for (int c = 0; c < MAXD; ++c) y[c] = 0.0f;
+    const int ri = g.shift > 0 ? window_token_region(g, t.win, i) : 0;
+    const float tau = p.tau[t.h];
+    const float* bias = p.bias + t.h * g.table_rows;
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t j = 0; j < g.n; ++j) {
+      const int64_t kpos = window_token_position(g, t.win, j);
+      const T* kp = wtoken_ptr<T>(p, t.b, kpos, 1, t.h);
+      const T* vp = wtoken_ptr<T>(p, t.b, kpos, 2, t.h);
+      float cs = 0.0f;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < d) cs += q[c] * ldf(kp + c * p.q_sc);
+      cs *= inv_norm(s.kn[(t.b * L + kpos) * p.nh + t.h]);
+      const int rj = g.shift > 0 ? window_token_region(g, t.win, j) : 0;
+      const float v = tau * cs + bias[window_rel_index(g, i, j)] + wmask(g, ri, rj);
+      const float mn = fmaxf(m, v), corr = expf(m - mn), pj = expf(v - mn);
+      l = l * corr + pj;
+      m = mn;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < d) y[c] = y[c] * corr + pj * ldf(vp + c * p.q_sc);
+    }
+    T* op = out + (t.b * L + pos) * p.C + t.h * d;
+    const float inv = 1.0f / l;
+#pragma unroll
+    for (int c = 0; c < MAXD; ++c)
+      if (c < d) stf(op + c, y[c] * inv);
+    s.lse[idx] = m + logf(l);
+  }
+}
+
+template <typename T, int MAXD>
+__global__ void window_backward_queries(WindowProblem p, WindowSaved s, WindowGrads gr) {
+  const WindowGeom g = p.g;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n, L = g.H * g.W, d = p.d;
+  for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
+    const int64_t i = idx % g.n, task = idx / g.n;
+    const WTask t = split_wtask(task, p.nh, g.num_windows);
+    const int64_t pos = window_token_position(g, t.win, i);
+    const float qn = s.qn[(t.b * L + pos) * p.nh + t.h];
+    float q[MAXD], dy[MAXD], dq[MAXD];
+    load_row<T, MAXD>(wtoken_ptr<T>(p, t.b, pos, 0, t.h), p.q_sc, d, inv_norm(qn), q);
+    load_row<T, MAXD>(static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d, 1, d, 1.0f, dy);
+#pragma unroll
+    for (int c = 0; c < MAXD; ++c) dq[c] = 0.0f;
+    const int ri = g.shift > 0 ? window_token_region(g, t.win, i) : 0;
+    const float tau = p.tau[t.h], lse = s.lse[idx];
+    const float* bias = p.bias + t.h * g.table_rows;
+    float D = 0.0f, dt = 0.0f;
+    for (int pass = 0; pass < 2; ++pass) {
+      for (int64_t j = 0; j < g.n; ++j) {
+        const int64_t kpos = window_token_position(g, t.win, j);
+        const T* kp = wtoken_ptr<T>(p, t.b, kpos, 1, t.h);
+        const T* vp = wtoken_ptr<T>(p, t.b, kpos, 2, t.h);
+        const float ik = inv_norm(s.kn[(t.b * L + kpos) * p.nh + t.h]);
+        float cs = 0.0f, dp = 0.0f;
+#pragma unroll
+        for (int c = 0; c < MAXD; ++c)
+          if (c < d) {
+            cs += q[c] * ldf(kp + c * p.q_sc);
+            dp += dy[c] * ldf(vp + c * p.q_sc);
+          }
+        cs *= ik;
+        const int rj = g.shift > 0 ? window_token_region(g, t.win, j) : 0;
+        const int64_t r = window_rel_index(g, i, j);
+        const float pj = expf(tau * cs + bias[r] + wmask(g, ri, rj) - lse);
+        if (pass == 0) {
+          D += pj * dp;
+        } else {
+          const float ds = pj * (dp - D);
+          dt += ds * cs;
+          atomicAdd(gr.dbias + t.h * g.table_rows + r, ds);
+          const float w = tau * ds * ik;
+#pragma unroll
+          for (int c = 0; c < MAXD; ++c)
+            if (c < d) dq[c] += w * ldf(kp + c * p.q_sc);
+        }
+      }
+    }
+    gr.drow[idx] = D;
+    atomicAdd(gr.dtau + t.h, dt);
+    normalize_backward(dq, q, qn);
+    T* gq = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + t.h * d;
+#pragma unroll
+    for (int c = 0; c < MAXD; ++c)
+      if (c < d) stf(gq + c, dq[c]);
+  }
+}
+
+template <typename T, int MAXD>
+__global__ void window_backward_keys(WindowProblem p, WindowSaved s, WindowGrads gr) {
+  const WindowGeom g = p.g;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n, L = g.H * g.W, d = p.d;
+  for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
+    const int64_t j = idx % g.n, task = idx / g.n;
+    const WTask t = split_wtask(task, p.nh, g.num_windows);
+    const int64_t pos = window_token_position(g, t.win, j);
+    const float kn = s.kn[(t.b * L + pos) * p.nh + t.h];
+    float k[MAXD], dk[MAXD], dv[MAXD];
+    load_row<T, MAXD>(wtoken_ptr<T>(p, t.b, pos, 1, t.h), p.q_sc, d, inv_norm(kn), k);
+    const T* vp = wtoken_ptr<T>(p, t.b, pos, 2, t.h);
+#pragma unroll
+    for (int c = 0; c < MAXD; ++c) dk[c] = 0.0f, dv[c] = 0.0f;
+    const int rj = g.shift > 0 ? window_token_region(g, t.win, j) : 0;
+    const float tau = p.tau[t.h];
+    const float* bias = p.bias + t.h * g.table_rows;
+    for (int64_t i = 0; i < g.n; ++i) {
+      const int64_t qpos = window_token_position(g, t.win, i);
+      const T* qp = wtoken_ptr<T>(p, t.b, qpos, 0, t.h);
+      const T* gp = static_cast<const T*>(gr.gout) + (t.b * L + qpos) * p.C + t.h * d;
+      const float iq = inv_norm(s.qn[(t.b * L + qpos) * p.nh + t.h]);
+      float cs = 0.0f, dp = 0.0f;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < d) {
+          cs += k[c] * ldf(qp + c * p.q_sc);
+          dp += ldf(gp + c) * ldf(vp + c * p.q_sc);
+        }
+      cs *= iq;
+      const int ri = g.shift > 0 ? window_token_region(g, t.win, i) : 0;
+      const int64_t row = task * g.n + i;
+      const float pij = expf(tau * cs + bias[window_rel_index(g, i, j)] + wmask(g, ri, rj) - s.lse[row]);
+      const float w = tau * pij * (dp - gr.drow[row]) * iq;
+#pragma unroll
+      for (int c = 0; c < MAXD; ++c)
+        if (c < d) {
+          dv[c] += pij * ldf(gp + c);
+          dk[c] += w * ldf(qp + c * p.q_sc);
+        }
+    }
+    normalize_backward(dk, k, kn);
+    T* gk = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + p.C + t.h * d;
+#pragma unroll
+    for (int c = 0; c < MAXD; ++c)
+      if (c < d) {
+        stf(gk + c, dk[c]);
+        stf(gk + p.C + c, dv[c]);
+      }
+  }
+}
+
+template <typename T>
+void launch_wnorms(const WindowProblem& p, const WindowSaved& s, cudaStream_t st) {
+  const int64_t L = p.g.H * p.g.W;
+  const T* q = static_cast<const T*>(p.qkv);
+  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+                                                                      p.q_sc, 0, s.qn);
+  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+                                                                      p.q_sc, p.C, s.kn);
+}
+
+template <typename T, int MAXD>
+cudaError_t wforward_impl(const WindowProblem& p, void* out, const WindowSaved& s, cudaStream_t st) {
+  launch_wnorms<T>(p, s, st);
+  const int64_t rows = p.B * p.g.num_windows * p.nh * p.g.n;
+  window_forward_kernel<T, MAXD><<<grid_for(rows), kThreads, 0, st>>>(p, s, static_cast<T*>(out));
+  return cudaGetLastError();
+}
+
+template <typename T, int MAXD>
+cudaError_t wbackward_impl(const WindowProblem& p, const WindowSaved& s, const WindowGrads& gr, cudaStream_t st) {
+  const int64_t rows = p.B * p.g.num_windows * p.nh * p.g.n;
+  window_backward_queries<T, MAXD><<<grid_for(rows), kThreads, 0, st>>>(p, s, gr);
+  window_backward_keys<T, MAXD><<<grid_for(rows), kThreads, 0, st>>>(p, s, gr);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t wforward_t(const WindowProblem& p, void* out, const WindowSaved& s, cudaStream_t st) {
+  if (p.d <= 32) return wforward_impl<T, 32>(p, out, s, st);
+  if (p.d <= 64) return wforward_impl<T, 64>(p, out, s, st);
+  return cudaErrorInvalidValue;
+}
+
+template <typename T>
+cudaError_t wbackward_t(const WindowProblem& p, const WindowSaved& s, const WindowGrads& gr, cudaStream_t st) {
+  if (p.d <= 32) return wbackward_impl<T, 32>(p, s, gr, st);
+  if (p.d <= 64) return wbackward_impl<T, 64>(p, s, gr, st);
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+cudaError_t window_forward(const WindowProblem& p, void* out, const WindowSaved& s, cudaStream_t stream) {
+  if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case kFloat32: return wforward_t<float>(p, out, s, stream);
+    case kFloat16: return wforward_t<__half>(p, out, s, stream);
+    case kBFloat16: return wforward_t<__nv_bfloat16>(p, out, s, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t window_backward(const WindowProblem& p, const WindowSaved& s, const WindowGrads& gr, cudaStream_t stream) {
+  if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;
+  switch (p.dtype) {
+    case kFloat32: return wbackward_t<float>(p, s, gr, stream);
+    case kFloat16: return wbackward_t<__half>(p, s, gr, stream);
+    case kBFloat16: return wbackward_t<__nv_bfloat16>(p, s, gr, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace cuda
+}  // namespace grl
