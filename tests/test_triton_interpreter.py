@@ -46,6 +46,13 @@ def test_interpreter_suite():
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     print(r.stdout[-12000:])
     assert r.returncode == 0, f"interpreter suite failed (rc {r.returncode}):\n{r.stdout[-8000:]}\n{r.stderr[-4000:]}"
+    # the subprocess must really have run the cases (not skipped them all)
+    import re
+
+    m = re.search(r"(\d+) passed", r.stdout)
+    skipped = re.search(r"(\d+) skipped", r.stdout)
+    assert m and int(m.group(1)) >= 20, r.stdout[-2000:]
+    assert not skipped or int(skipped.group(1)) <= 1, r.stdout[-2000:]  # only the driver itself
 
 
 if IN_INTERPRETER:
