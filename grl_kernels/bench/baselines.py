@@ -119,8 +119,15 @@ _FLEX = None
 def _flex():
     global _FLEX
     if _FLEX is None:
+        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
+        # one compiled flex_attention serves every geometry of a run (a recompile per shape);
+        # past dynamo's default limit of 8 it would silently run unfused, so raise the limit
+        cfg = torch._dynamo.config
+        for limit in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, limit):
+                setattr(cfg, limit, max(getattr(cfg, limit), 256))
         _FLEX = torch.compile(flex_attention, dynamic=False)
     return _FLEX
 
