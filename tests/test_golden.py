@@ -1,4 +1,5 @@
 """The reference path against fixtures produced by the published GRL code (float32)."""
+import pytest
 import torch
 
 import grl_kernels as G
@@ -12,23 +13,28 @@ from conftest import max_scaled_error
 TOL = 1e-5
 
 
-def _stripe_module(case):
+# every backend that runs on this machine's CPU in float32 must reproduce the published numbers
+CPU_BACKENDS = [b for b in G.available_backends() if b in ("reference", "cpu")]
+
+
+def _stripe_module(case, backend="reference"):
     ss, sg = list(case["stripe_size"]), list(case["stripe_groups"])
     if case["stripe_type"] == "W":  # the fixture stores the model's config; vertical blocks reverse it
         ss, sg = ss[::-1], sg[::-1]
     m = G.AnchoredStripeAttention(
         case["x_size"], ss, sg, case["stripe_shift"], case["num_heads"],
-        anchor_window_down_factor=case["anchor_window_down_factor"], backend="reference",
+        anchor_window_down_factor=case["anchor_window_down_factor"], backend=backend,
     )
     m.load_state_dict(case["state_dict"])
     return m
 
 
-def test_golden_stripe_attention(fixtures_dir):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_golden_stripe_attention(fixtures_dir, backend):
     data = torch.load(fixtures_dir / "golden_stripe_attention.pt", weights_only=False)
     assert len(data["cases"]) >= 2
     for case in data["cases"]:
-        m = _stripe_module(case)
+        m = _stripe_module(case, backend)
         qkv = case["qkv"].clone().requires_grad_(True)
         anchor = case["anchor"].clone().requires_grad_(True)
         out = m(qkv, anchor, case["x_size"])
@@ -51,9 +57,10 @@ def test_golden_stripe_attention_strided_qkv(fixtures_dir):
     assert (out - case["output"]).abs().max().item() <= TOL
 
 
-def test_golden_grl_model(fixtures_dir):
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_golden_grl_model(fixtures_dir, backend):
     data = torch.load(fixtures_dir / "golden_grl_model.pt", weights_only=False)
-    model = GRL(**data["kwargs"]).eval()
+    model = GRL(**data["kwargs"], backend=backend).eval()
     report = load_checkpoint(model, data["state_dict"])
     assert report.ok and len(report.loaded) == len(data["state_dict"])
     with torch.no_grad():
