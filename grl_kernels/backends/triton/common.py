@@ -35,6 +35,19 @@ def mma(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step(m, l, acc, s, vals, DT: tl.constexpr, PREC: tl.constexpr):
+    """One column block of a streaming softmax in log2 units: with running row max ``m`` and
+    sum ``l``, fold the scores ``s`` (BM x BN) and values ``vals`` (BN x D) into ``acc``.
+    Returns the updated (m, l, acc); the result is acc / l once every block is folded."""
+    m_new = tl.maximum(m, tl.max(s, 1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + mma(p.to(DT), vals, PREC)
+    return m_new, l, acc
+
+
+@triton.jit
 def decode_bwh(pid, nh, nW, nWw):
     """Program id along axis 0 -> (batch, head, window row, window column); heads vary fastest."""
     h = pid % nh

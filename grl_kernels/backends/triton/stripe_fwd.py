@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, band, decode_bwh, grid_rows, inv_norm, load_rows, load_ws, logits, mma, store_rows, store_ws,
+    LOG2E, band, decode_bwh, grid_rows, inv_norm, load_rows, load_ws, logits, online_softmax_step,
+    store_rows, store_ws,
 )
 
 
@@ -61,12 +62,7 @@ def stripe_fwd_anchor_partial(
         tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
         r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
         s, _ = logits(a, sa, k, inv_nk, bias_h, r, aid, tid, vi, vj, PREC)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(DT), v, PREC)
-        m = m_new
+        m, l, acc = online_softmax_step(m, l, acc, s, v, DT, PREC)
 
     row = (pid.to(tl.int64) * n_splits + pid_s) * N2 + i
     store_ws(ACC, row, vi, acc, D)
@@ -132,13 +128,8 @@ def stripe_fwd_tokens(
         aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
         r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
         s, _ = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
         z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
-        acc = acc * alpha[:, None] + mma(p.to(DT), z, PREC)
-        m = m_new
+        m, l, acc = online_softmax_step(m, l, acc, s, z, DT, PREC)
 
     store_rows(OUT + b.to(tl.int64) * s_ob, tpos * s_ol, h * d, s_oc, d, vj, acc / l[:, None], D)
     tl.store(LSE + pid.to(tl.int64) * N1 + j, m + tl.log2(l), mask=vj)

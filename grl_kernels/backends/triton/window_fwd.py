@@ -11,7 +11,9 @@ H, W, ws, t (shift, also the mask shift), nWw, nW, nh, d, C, N, Rw (= 2 ws - 1),
 import triton
 import triton.language as tl
 
-from .common import LOG2E, band, decode_bwh, grid_rows, inv_norm, load_rows, mma, logits, store_rows
+from .common import (
+    LOG2E, band, decode_bwh, grid_rows, inv_norm, load_rows, logits, online_softmax_step, store_rows,
+)
 
 
 @triton.jit
@@ -52,12 +54,7 @@ def window_fwd(
         kid = 3 * band(KY, H, ws, t) + band(KX, W, ws, t)
         r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
         s, _ = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(DT), v, PREC)
-        m = m_new
+        m, l, acc = online_softmax_step(m, l, acc, s, v, DT, PREC)
 
     store_rows(OUT + b.to(tl.int64) * s_ob, qpos * s_ol, h * d, s_oc, d, vq, acc / l[:, None], D)
     tl.store(LSE + pid.to(tl.int64) * N + j, m + tl.log2(l), mask=vq)
