@@ -21,4 +21,10 @@ fi
 python -m pip install -q setuptools wheel ninja >/dev/null
 echo "[setup] installing grl_kernels (editable, builds the extension; a few minutes the first time)" >&2
 python -m pip install -q --no-build-isolation -e ".[test]"
+# spandrel's copy of the published GRL code, for tests/test_patching_spandrel.py. --no-deps: it
+# would pull torchvision, which has no build matching the CPU torch 2.13 here (the test stubs it).
+if ! python -c "import importlib.util as u, sys; sys.exit(u.find_spec('spandrel') is None)"; then
+  python -m pip install -q --no-deps "spandrel==0.4.2" "safetensors" \
+    || echo "[setup] could not install spandrel: its patching tests will be skipped" >&2
+fi
 python -c "import torch, grl_kernels; print(f'[setup] torch {torch.__version__}, grl_kernels {grl_kernels.__version__}, backends: {grl_kernels.available_backends()}')" >&2
