@@ -92,12 +92,40 @@ static inline T exp_shift_sum(T* x, int64_t n, T m) {
   return row_sum(x, n);
 }
 
+// r[0:d] = src[0:d * stride:stride] converted to the accumulation type; the common
+// contiguous case (channel stride 1) gets its own loop, which vectorizes.
+template <typename scalar_t, typename acc_t>
+static inline void load_row(const scalar_t* __restrict src, int64_t stride, int64_t d, acc_t* __restrict r) {
+  if (stride == 1) {
+    for (int64_t c = 0; c < d; ++c) r[c] = static_cast<acc_t>(src[c]);
+  } else {
+    for (int64_t c = 0; c < d; ++c) r[c] = static_cast<acc_t>(src[c * stride]);
+  }
+}
+
+// Software prefetch of the cache lines of one row of d elements (stride in elements).
+constexpr int64_t kPrefetch = 16;  // rows ahead
+template <typename scalar_t>
+static inline void prefetch_row(const scalar_t* p, int64_t d, int64_t stride) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = (d - 1) * stride * static_cast<int64_t>(sizeof(scalar_t)) + sizeof(scalar_t);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+  __builtin_prefetch(c + bytes - 1, 0, 3);  // the last line when the row straddles one more
+}
+
+// Same for a contiguous row about to be written (prefetch with intent to write).
+template <typename scalar_t>
+static inline void prefetch_row_for_write(scalar_t* p, int64_t d) {
+  char* c = reinterpret_cast<char*>(p);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 3);
+  __builtin_prefetch(c + bytes - 1, 1, 3);
+}
+
 // F.normalize: returns ||x|| and scales x in place by 1 / max(||x||, eps).
 template <typename acc_t>
 static inline acc_t normalize_inplace(acc_t* x, int64_t d) {
-  acc_t ss = 0;
-  for (int64_t c = 0; c < d; ++c) ss += x[c] * x[c];
-  const acc_t n = std::sqrt(ss);
+  const acc_t n = std::sqrt(row_dot(x, x, d));  // 16 partial sums: vectorizes
   const acc_t inv = acc_t(1) / (n > acc_t(kNormEps) ? n : acc_t(kNormEps));
   for (int64_t c = 0; c < d; ++c) x[c] *= inv;
   return n;

@@ -44,7 +44,7 @@ struct AnchorTile {
       const int64_t p = stripe_anchor_position(g, win, i);
       const scalar_t* src = A.anc + b * A.asb + (p / g.Wa) * A.ash + (p % g.Wa) * A.asw + h * d * A.asc;
       acc_t* dst = ahat.data() + i * dp;
-      for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<acc_t>(src[c * A.asc]);
+      load_row(src, A.asc, d, dst);
       anorm[i] = normalize_inplace(dst, d);
       for (int64_t c = 0; c < d; ++c) aT[c * n2 + i] = dst[c];
       aid[i] = g.shifted ? stripe_anchor_region(g, win, i) : 0;
@@ -63,14 +63,17 @@ struct TokenBlock {
   std::vector<int64_t> pos, toff, tbase;
   std::vector<int> tid;
   TokenBlock() : pos(kBlock), toff(kBlock), tbase(kBlock), tid(kBlock) {}
+  // Walks the block row by row on the rolled grid (one division per block, none per token).
   void index(const StripeGeom& g, int64_t win, int64_t jb) {
     nb = std::min(kBlock, g.n1 - jb);
+    const int64_t r0 = win / g.windows_w * g.sh, c0 = win % g.windows_w * g.sw;
+    int64_t y = jb / g.sw, x = jb % g.sw;
     for (int64_t jj = 0; jj < nb; ++jj) {
-      const int64_t j = jb + jj, y = j / g.sw, x = j % g.sw;
-      pos[jj] = stripe_token_position(g, win, j);
+      pos[jj] = stripe_token_position_rc(g, r0 + y, c0 + x);
       toff[jj] = y * g.table_w + x;
       tbase[jj] = (y + g.ah - 1) * g.table_w + (x + g.aw - 1);
-      tid[jj] = g.shifted ? stripe_token_region(g, win, j) : 0;
+      tid[jj] = g.shifted ? stripe_token_region_rc(g, r0 + y, c0 + x) : 0;
+      if (++x == g.sw) x = 0, ++y;
     }
   }
 };
@@ -82,10 +85,15 @@ void load_tokens(const StripeArgs<scalar_t, acc_t>& A, const TokenBlock<scalar_t
                  int part, acc_t* rows, acc_t* cols, acc_t* norms) {
   const int64_t d = A.d, dp = pad16(d);
   acc_t tmp[kMaxStackD];
+  const scalar_t* base = A.qkv + b * A.vq.sb + (part * A.C + h * d) * A.vq.sc;
+  // Token rows are scattered (a window row jumps to the next image row, and qkv rows are 3C
+  // or more apart): the hardware prefetcher misses them, so prefetch kPrefetch tokens ahead.
+  for (int64_t jj = 0; jj < std::min(kPrefetch, T.nb); ++jj) prefetch_row(base + T.pos[jj] * A.vq.sl, d, A.vq.sc);
   for (int64_t jj = 0; jj < T.nb; ++jj) {
-    const scalar_t* src = A.qkv + b * A.vq.sb + T.pos[jj] * A.vq.sl + (part * A.C + h * d) * A.vq.sc;
+    if (jj + kPrefetch < T.nb) prefetch_row(base + T.pos[jj + kPrefetch] * A.vq.sl, d, A.vq.sc);
+    const scalar_t* src = base + T.pos[jj] * A.vq.sl;
     acc_t* r = rows ? rows + jj * dp : tmp;
-    for (int64_t c = 0; c < d; ++c) r[c] = static_cast<acc_t>(src[c * A.vq.sc]);
+    load_row(src, A.vq.sc, d, r);
     if (norms) norms[jj] = normalize_inplace(r, d);
     if (cols)
       for (int64_t c = 0; c < d; ++c) cols[c * kBlock + jj] = r[c];
@@ -170,6 +178,7 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
     load_tokens(A, TB, b, h, 0, qb.data(), static_cast<acc_t*>(nullptr), xn.data());  // q_hat rows
+    for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(out + (b * g.H * g.W + TB.pos[jj]) * A.C + h * d, d);
     gemm<acc_t>(nb, n2, d, acc_t(1), qb.data(), dp, 1, AT.aT.data(), n2, S2.data(), n2, false);  // cos
     for (int64_t jj = 0; jj < nb; ++jj) {
       acc_t* row = S2.data() + jj * n2;
@@ -211,9 +220,12 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
     load_tokens(A, TB, b, h, 0, xb.data(), static_cast<acc_t*>(nullptr), xn.data());  // q_hat rows
+    const scalar_t* gbase = gout + b * L * C + h * d;
+    for (int64_t jj = 0; jj < std::min(kPrefetch, nb); ++jj) prefetch_row(gbase + TB.pos[jj] * C, d, 1);
     for (int64_t jj = 0; jj < nb; ++jj) {
-      const scalar_t* gp = gout + (b * L + TB.pos[jj]) * C + h * d;
-      for (int64_t c = 0; c < d; ++c) dYb[jj * dp + c] = static_cast<acc_t>(gp[c]);
+      if (jj + kPrefetch < nb) prefetch_row(gbase + TB.pos[jj + kPrefetch] * C, d, 1);
+      load_row(gbase + TB.pos[jj] * C, 1, d, dYb.data() + jj * dp);
+      prefetch_row_for_write(gqkv + (b * L + TB.pos[jj]) * 3 * C + h * d, d);
     }
     gemm<acc_t>(nb, n2, d, acc_t(1), xb.data(), dp, 1, AT.aT.data(), n2, cs.data(), n2, false);   // cos
     gemm<acc_t>(nb, n2, d, acc_t(1), dYb.data(), dp, 1, ZT.data(), n2, dP.data(), n2, false);     // dP = dY Z^T
@@ -250,6 +262,11 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
     const int64_t nb = TB.nb;
     load_tokens(A, TB, b, h, 1, xb.data(), kT.data(), xn.data());  // k_hat rows and columns
     load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
+      prefetch_row_for_write(gk, d);
+      prefetch_row_for_write(gk + C, d);
+    }
     gemm<acc_t>(n2, nb, d, acc_t(1), AT.ahat.data(), dp, 1, kT.data(), kBlock, cs.data(), kBlock, false);  // cos
     gemm<acc_t>(n2, nb, d, acc_t(1), dZ.data(), dp, 1, vT.data(), kBlock, dP.data(), kBlock, false);       // dZ v^T
     for (int64_t i = 0; i < n2; ++i) {

@@ -36,24 +36,33 @@ struct WindowTile {
   void load(const WindowArgs<scalar_t, acc_t>& A, int64_t b, int64_t win, int64_t h, bool backward) {
     const WindowGeom& g = A.g;
     const int64_t side = g.table_side;
-    const scalar_t* base = A.qkv + b * A.vq.sb;
+    const scalar_t* base = A.qkv + b * A.vq.sb + h * d * A.vq.sc;
+    // positions first, walking the window row by row on the rolled grid (no divisions)
+    const int64_t r0 = win / g.windows_w * g.ws, c0 = win % g.windows_w * g.ws;
+    for (int64_t j = 0, y = 0, x = 0; j < n; ++j) {
+      pos[j] = window_token_position_rc(g, r0 + y, c0 + x);
+      qoff[j] = (y + g.ws - 1) * side + (x + g.ws - 1);  // rel row = qoff[i] - (y2 * side + x2)
+      rid[j] = g.shift > 0 ? window_token_region_rc(g, r0 + y, c0 + x) : 0;
+      if (++x == g.ws) x = 0, ++y;
+    }
+    // then the rows, prefetched kPrefetch tokens ahead (they are scattered over the image)
+    auto prefetch = [&](int64_t j) {
+      const scalar_t* qp = base + pos[j] * A.vq.sl;
+      for (int part = 0; part < 3; ++part) prefetch_row(qp + part * A.C * A.vq.sc, d, A.vq.sc);
+    };
+    for (int64_t j = 0; j < std::min(kPrefetch, n); ++j) prefetch(j);
     for (int64_t j = 0; j < n; ++j) {
-      const int64_t p = window_token_position(g, win, j);
-      pos[j] = p;
-      qoff[j] = (j / g.ws + g.ws - 1) * side + (j % g.ws + g.ws - 1);  // rel row = qoff[i] - (y2 * side + x2)
-      rid[j] = g.shift > 0 ? window_token_region(g, win, j) : 0;
-      const scalar_t* qp = base + p * A.vq.sl + h * d * A.vq.sc;
+      if (j + kPrefetch < n) prefetch(j + kPrefetch);
+      const scalar_t* qp = base + pos[j] * A.vq.sl;
       const scalar_t* kp = qp + A.C * A.vq.sc;
       const scalar_t* vp = kp + A.C * A.vq.sc;
       acc_t* qr = qh.data() + j * dp;
       acc_t* vr = v.data() + j * dp;
       acc_t kr[kMaxStackD];
       acc_t* kk = backward ? kh.data() + j * dp : kr;
-      for (int64_t c = 0; c < d; ++c) {
-        qr[c] = static_cast<acc_t>(qp[c * A.vq.sc]);
-        kk[c] = static_cast<acc_t>(kp[c * A.vq.sc]);
-        vr[c] = static_cast<acc_t>(vp[c * A.vq.sc]);
-      }
+      load_row(qp, A.vq.sc, d, qr);
+      load_row(kp, A.vq.sc, d, kk);
+      load_row(vp, A.vq.sc, d, vr);
       qn[j] = normalize_inplace(qr, d);
       kn[j] = normalize_inplace(kk, d);
       for (int64_t c = 0; c < d; ++c) kT[c * n + j] = kk[c];
@@ -101,6 +110,7 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, sca
   const acc_t* bias = A.bias + h * g.table_rows;
   for (int64_t i0 = 0; i0 < n; i0 += MB) {
     const int64_t mb = std::min(MB, n - i0);
+    for (int64_t r = 0; r < mb; ++r) prefetch_row_for_write(out + (b * g.H * g.W + T.pos[i0 + r]) * A.C + h * d, d);
     gemm<acc_t>(mb, n, d, acc_t(1), T.qh.data() + i0 * dp, dp, 1, T.kT.data(), n, S.data(), n, false);  // cos
     for (int64_t r = 0; r < mb; ++r) T.softmax_row(A, i0 + r, tau, bias, S.data() + r * n, P.data() + r * n);
     gemm<acc_t>(mb, dp, n, acc_t(1), P.data(), n, 1, T.v.data(), dp, Y.data(), dp, false);  // P v
@@ -128,6 +138,7 @@ void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, co
   double dt = 0;  // sum of ~n^2 terms with cancellation: rows in acc_t, the total in double
   for (int64_t i0 = 0; i0 < n; i0 += MB) {
     const int64_t mb = std::min(MB, n - i0);
+    for (int64_t r = 0; r < mb; ++r) prefetch_row(gout + (b * L + T.pos[i0 + r]) * C + h * d, d, 1);
     gemm<acc_t>(mb, n, d, acc_t(1), T.qh.data() + i0 * dp, dp, 1, T.kT.data(), n, S.data(), n, false);  // cos
     for (int64_t r = 0; r < mb; ++r) {
       T.softmax_row(A, i0 + r, tau, bias, S.data() + r * n, P.data() + r * n);

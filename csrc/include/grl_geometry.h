@@ -34,12 +34,6 @@ GRL_HD int region_band(int64_t pos, int64_t size, int64_t window, int64_t shift)
   return 0;
 }
 
-// floor-mod for the roll (values are already >= 0 here, kept general).
-GRL_HD int64_t wrap(int64_t v, int64_t n) {
-  int64_t r = v % n;
-  return r < 0 ? r + n : r;
-}
-
 struct StripeGeom {
   int64_t H, W;          // token grid
   int64_t sh, sw;        // stripe (window) size in tokens
@@ -69,18 +63,34 @@ GRL_HD StripeGeom make_stripe_geom(int64_t H, int64_t W, int64_t sh, int64_t sw,
   return g;
 }
 
+// Position (row, col) on the ROLLED grid -> row-major index on the image grid (shift undone).
+// 0 <= row < size and 0 <= shift < size, so the roll is one conditional subtraction: loops
+// that walk a window row by row use these *_rc forms and need no integer division.
+GRL_HD int64_t unroll_position(int64_t row, int64_t col, int64_t shift_h, int64_t shift_w, int64_t H, int64_t W) {
+  int64_t y = row + shift_h, x = col + shift_w;
+  y = y >= H ? y - H : y;
+  x = x >= W ? x - W : x;
+  return y * W + x;
+}
+
+GRL_HD int64_t stripe_token_position_rc(const StripeGeom& g, int64_t row, int64_t col) {
+  return unroll_position(row, col, g.shift_h, g.shift_w, g.H, g.W);
+}
+
+GRL_HD int64_t stripe_anchor_position_rc(const StripeGeom& g, int64_t row, int64_t col) {
+  return unroll_position(row, col, g.ash, g.asw, g.Ha, g.Wa);
+}
+
 // Row-major image index of token j of window `win` (shift undone).
 GRL_HD int64_t stripe_token_position(const StripeGeom& g, int64_t win, int64_t j) {
   const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
-  const int64_t y = j / g.sw, x = j % g.sw;
-  return wrap(wy * g.sh + y + g.shift_h, g.H) * g.W + wrap(wx * g.sw + x + g.shift_w, g.W);
+  return stripe_token_position_rc(g, wy * g.sh + j / g.sw, wx * g.sw + j % g.sw);
 }
 
 // Row-major anchor-grid index of anchor i of window `win`.
 GRL_HD int64_t stripe_anchor_position(const StripeGeom& g, int64_t win, int64_t i) {
   const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
-  const int64_t u = i / g.aw, v = i % g.aw;
-  return wrap(wy * g.ah + u + g.ash, g.Ha) * g.Wa + wrap(wx * g.aw + v + g.asw, g.Wa);
+  return stripe_anchor_position_rc(g, wy * g.ah + i / g.aw, wx * g.aw + i % g.aw);
 }
 
 // Stage 2 (token j -> anchor i) bias row.
@@ -95,18 +105,25 @@ GRL_HD int64_t stripe_a2w_index(const StripeGeom& g, int64_t i, int64_t j) {
   return (u - y + g.sh - 1) * g.table_w + (v - x + g.sw - 1);
 }
 
-// Region id (3 * band_h + band_w) of token j of window `win` on the rolled grid.
+// Region id (3 * band_h + band_w) of the token / anchor at (row, col) of the rolled grid.
+GRL_HD int stripe_token_region_rc(const StripeGeom& g, int64_t row, int64_t col) {
+  return 3 * region_band(row, g.H, g.sh, g.shift_h) + region_band(col, g.W, g.sw, g.shift_w);
+}
+
+GRL_HD int stripe_anchor_region_rc(const StripeGeom& g, int64_t row, int64_t col) {
+  return 3 * region_band(row, g.Ha, g.ah, g.ash) + region_band(col, g.Wa, g.aw, g.asw);
+}
+
+// Region id of token j of window `win` on the rolled grid.
 GRL_HD int stripe_token_region(const StripeGeom& g, int64_t win, int64_t j) {
   const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
-  const int64_t row = wy * g.sh + j / g.sw, col = wx * g.sw + j % g.sw;
-  return 3 * region_band(row, g.H, g.sh, g.shift_h) + region_band(col, g.W, g.sw, g.shift_w);
+  return stripe_token_region_rc(g, wy * g.sh + j / g.sw, wx * g.sw + j % g.sw);
 }
 
 // Region id of anchor i of window `win` on the rolled anchor grid.
 GRL_HD int stripe_anchor_region(const StripeGeom& g, int64_t win, int64_t i) {
   const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
-  const int64_t row = wy * g.ah + i / g.aw, col = wx * g.aw + i % g.aw;
-  return 3 * region_band(row, g.Ha, g.ah, g.ash) + region_band(col, g.Wa, g.aw, g.asw);
+  return stripe_anchor_region_rc(g, wy * g.ah + i / g.aw, wx * g.aw + i % g.aw);
 }
 
 struct WindowGeom {
@@ -122,10 +139,13 @@ GRL_HD WindowGeom make_window_geom(int64_t H, int64_t W, int64_t ws, int64_t shi
   return g;
 }
 
+GRL_HD int64_t window_token_position_rc(const WindowGeom& g, int64_t row, int64_t col) {
+  return unroll_position(row, col, g.shift, g.shift, g.H, g.W);
+}
+
 GRL_HD int64_t window_token_position(const WindowGeom& g, int64_t win, int64_t j) {
   const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
-  const int64_t y = j / g.ws, x = j % g.ws;
-  return wrap(wy * g.ws + y + g.shift, g.H) * g.W + wrap(wx * g.ws + x + g.shift, g.W);
+  return window_token_position_rc(g, wy * g.ws + j / g.ws, wx * g.ws + j % g.ws);
 }
 
 // Bias row of query j1 -> key j2.
@@ -134,10 +154,13 @@ GRL_HD int64_t window_rel_index(const WindowGeom& g, int64_t j1, int64_t j2) {
   return (y1 - y2 + g.ws - 1) * g.table_side + (x1 - x2 + g.ws - 1);
 }
 
+GRL_HD int window_token_region_rc(const WindowGeom& g, int64_t row, int64_t col) {
+  return 3 * region_band(row, g.H, g.ws, g.shift) + region_band(col, g.W, g.ws, g.shift);
+}
+
 GRL_HD int window_token_region(const WindowGeom& g, int64_t win, int64_t j) {
   const int64_t wy = win / g.windows_w, wx = win % g.windows_w;
-  const int64_t row = wy * g.ws + j / g.ws, col = wx * g.ws + j % g.ws;
-  return 3 * region_band(row, g.H, g.ws, g.shift) + region_band(col, g.W, g.ws, g.shift);
+  return window_token_region_rc(g, wy * g.ws + j / g.ws, wx * g.ws + j % g.ws);
 }
 
 }  // namespace grl
