@@ -93,5 +93,28 @@ __global__ void row_norms_kernel(const T* x, int64_t B, int64_t P, int64_t pw, i
   }
 }
 
+// Calls fn(T{}, MaxD<MAXD>{}) with the element type of `dtype` and the register row width
+// for head dim d (32 or 64); cudaErrorInvalidValue for anything else. The tag arguments
+// let one generic lambda per entry point instantiate every (dtype, width) pair.
+template <int N>
+struct MaxD {
+  static constexpr int value = N;
+};
+
+template <typename F>
+cudaError_t dispatch_dtype_width(int dtype, int64_t d, F&& fn) {
+  auto by_width = [&](auto tag) -> cudaError_t {
+    if (d <= 32) return fn(tag, MaxD<32>{});
+    if (d <= 64) return fn(tag, MaxD<64>{});
+    return cudaErrorInvalidValue;
+  };
+  switch (dtype) {
+    case kFloat32: return by_width(float{});
+    case kFloat16: return by_width(__half{});
+    case kBFloat16: return by_width(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 }  // namespace cuda
 }  // namespace grl

@@ -398,40 +398,20 @@ cudaError_t backward_impl(const StripeProblem& p, const StripeSaved& s, const St
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t forward_t(const StripeProblem& p, void* out, const StripeSaved& s, cudaStream_t st) {
-  if (p.d <= 32) return forward_impl<T, 32>(p, out, s, st);
-  if (p.d <= 64) return forward_impl<T, 64>(p, out, s, st);
-  return cudaErrorInvalidValue;
-}
-
-template <typename T>
-cudaError_t backward_t(const StripeProblem& p, const StripeSaved& s, const StripeGrads& gr, cudaStream_t st) {
-  if (p.d <= 32) return backward_impl<T, 32>(p, s, gr, st);
-  if (p.d <= 64) return backward_impl<T, 64>(p, s, gr, st);
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t stripe_forward(const StripeProblem& p, void* out, const StripeSaved& s, cudaStream_t stream) {
   if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case kFloat32: return forward_t<float>(p, out, s, stream);
-    case kFloat16: return forward_t<__half>(p, out, s, stream);
-    case kBFloat16: return forward_t<__nv_bfloat16>(p, out, s, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype_width(p.dtype, p.d, [&](auto t, auto w) {
+    return forward_impl<decltype(t), decltype(w)::value>(p, out, s, stream);
+  });
 }
 
 cudaError_t stripe_backward(const StripeProblem& p, const StripeSaved& s, const StripeGrads& gr, cudaStream_t stream) {
   if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case kFloat32: return backward_t<float>(p, s, gr, stream);
-    case kFloat16: return backward_t<__half>(p, s, gr, stream);
-    case kBFloat16: return backward_t<__nv_bfloat16>(p, s, gr, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype_width(p.dtype, p.d, [&](auto t, auto w) {
+    return backward_impl<decltype(t), decltype(w)::value>(p, s, gr, stream);
+  });
 }
 
 }  // namespace cuda

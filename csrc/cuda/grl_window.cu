@@ -212,40 +212,20 @@ cudaError_t wbackward_impl(const WindowProblem& p, const WindowSaved& s, const W
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t wforward_t(const WindowProblem& p, void* out, const WindowSaved& s, cudaStream_t st) {
-  if (p.d <= 32) return wforward_impl<T, 32>(p, out, s, st);
-  if (p.d <= 64) return wforward_impl<T, 64>(p, out, s, st);
-  return cudaErrorInvalidValue;
-}
-
-template <typename T>
-cudaError_t wbackward_t(const WindowProblem& p, const WindowSaved& s, const WindowGrads& gr, cudaStream_t st) {
-  if (p.d <= 32) return wbackward_impl<T, 32>(p, s, gr, st);
-  if (p.d <= 64) return wbackward_impl<T, 64>(p, s, gr, st);
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
 cudaError_t window_forward(const WindowProblem& p, void* out, const WindowSaved& s, cudaStream_t stream) {
   if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case kFloat32: return wforward_t<float>(p, out, s, stream);
-    case kFloat16: return wforward_t<__half>(p, out, s, stream);
-    case kBFloat16: return wforward_t<__nv_bfloat16>(p, out, s, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype_width(p.dtype, p.d, [&](auto t, auto w) {
+    return wforward_impl<decltype(t), decltype(w)::value>(p, out, s, stream);
+  });
 }
 
 cudaError_t window_backward(const WindowProblem& p, const WindowSaved& s, const WindowGrads& gr, cudaStream_t stream) {
   if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;
-  switch (p.dtype) {
-    case kFloat32: return wbackward_t<float>(p, s, gr, stream);
-    case kFloat16: return wbackward_t<__half>(p, s, gr, stream);
-    case kBFloat16: return wbackward_t<__nv_bfloat16>(p, s, gr, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_dtype_width(p.dtype, p.d, [&](auto t, auto w) {
+    return wbackward_impl<decltype(t), decltype(w)::value>(p, s, gr, stream);
+  });
 }
 
 }  // namespace cuda
