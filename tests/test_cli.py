@@ -165,6 +165,15 @@ def test_bench_bad_arguments(capsys):
     assert main(["bench", "--size", "big", "--no-progress"]) == 2
 
 
+@pytest.mark.parametrize("command", ["bench", "bench-model"])
+def test_single_valued_option_given_twice_is_refused(capsys, command):
+    # argparse would silently keep the last value: a run that measures something else than asked
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--dtype", "bfloat16", "--dtype", "float32", "--no-progress"])
+    assert exc.value.code == 2
+    assert "--dtype: given twice ('bfloat16', then 'float32')" in capsys.readouterr().err
+
+
 def test_bench_model_small(capsys, tmp_path):
     pytest.importorskip("grl_kernels.models")
     js = tmp_path / "m.json"

@@ -16,6 +16,18 @@ from .commands import cmd_bench, cmd_bench_model, cmd_check, cmd_info
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
+class _Once(argparse.Action):
+    """A single-valued option that refuses to be given twice (argparse keeps the last one silently)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given_once", {})
+        if self.dest in seen:
+            parser.error(f"argument {option_string}: given twice ({seen[self.dest]!r}, then {values!r}); "
+                         f"it takes one value per run")
+        seen[self.dest] = values
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grl-kernels", description="Fused GRL attention kernels: info, check, bench.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -47,14 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--geometry", action="append", metavar="SPEC",
                    help="e.g. 'stripe:128x128,size=8xNone,groups=Nonex4,shift=1,f=4,heads=3,dim=30' or "
                         "'window:128x128,ws=8,shift=1,heads=3,dim=30' (repeatable; default: the GRL set)")
-    s.add_argument("--size", metavar="HxW", help="image size of the default geometries")
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
-    s.add_argument("--dtype", choices=DTYPES, default="float32")
-    s.add_argument("--reps", type=int, help="timed repetitions (default 10, --quick 3)")
-    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--size", action=_Once, metavar="HxW", help="image size of the default geometries")
+    s.add_argument("--batch", action=_Once, type=int, default=1)
+    s.add_argument("--device", action=_Once, choices=("cpu", "cuda"), help="default: cuda when available")
+    s.add_argument("--dtype", action=_Once, choices=DTYPES, default="float32")
+    s.add_argument("--reps", action=_Once, type=int, help="timed repetitions (default 10, --quick 3)")
+    s.add_argument("--warmup", action=_Once, type=int, default=2)
     s.add_argument("--backend", action="append", metavar="NAME", help="fused backend(s) to time (default: all available)")
-    s.add_argument("--baselines", default="reference,compile,flex",
+    s.add_argument("--baselines", action=_Once, default="reference,compile,flex",
                    help="comma-separated from reference,compile,flex (default: all; 'none' for none)")
     s.add_argument("--no-backward", action="store_true", help="time the forward only")
     s.add_argument("--no-ceilings", action="store_true", help="skip measuring the matmul/copy ceilings")
@@ -62,24 +74,24 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", action="append", help="with --model: GRL-T, GRL-S, GRL-B (repeatable)")
     s.add_argument("--image-size", type=int, action="append", help="with --model: image side (repeatable)")
     s.add_argument("--no-train", action="store_true", help="with --model: inference only")
-    s.add_argument("--json", metavar="FILE")
-    s.add_argument("--markdown", metavar="FILE")
+    s.add_argument("--json", action=_Once, metavar="FILE")
+    s.add_argument("--markdown", action=_Once, metavar="FILE")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("bench-model", help="whole-model benchmark: GRL-T/S/B inference and a training step")
     s.add_argument("--preset", action="append", help="GRL-T, GRL-S, GRL-B or a preset name (repeatable; default all)")
     s.add_argument("--image-size", type=int, action="append", help="image side (repeatable; default 256 and 512)")
-    s.add_argument("--task", help="task geometry of grl_kernels.models.TASK_GEOMETRIES (e.g. sr, denoise)")
+    s.add_argument("--task", action=_Once, help="task geometry of grl_kernels.models.TASK_GEOMETRIES (e.g. sr, denoise)")
     s.add_argument("--quick", action="store_true", help="GRL-T on a 32x32 image, 1 repetition (a smoke run)")
-    s.add_argument("--batch", type=int, default=1)
-    s.add_argument("--device", choices=("cpu", "cuda"))
-    s.add_argument("--dtype", choices=DTYPES[:3], default="float32", help="low precision runs under autocast")
-    s.add_argument("--reps", type=int, default=3)
+    s.add_argument("--batch", action=_Once, type=int, default=1)
+    s.add_argument("--device", action=_Once, choices=("cpu", "cuda"))
+    s.add_argument("--dtype", action=_Once, choices=DTYPES[:3], default="float32", help="low precision runs under autocast")
+    s.add_argument("--reps", action=_Once, type=int, default=3)
     s.add_argument("--backend", action="append", metavar="NAME")
     s.add_argument("--no-train", action="store_true", help="inference only")
-    s.add_argument("--json", metavar="FILE")
-    s.add_argument("--markdown", metavar="FILE")
+    s.add_argument("--json", action=_Once, metavar="FILE")
+    s.add_argument("--markdown", action=_Once, metavar="FILE")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_bench_model)
     return p
