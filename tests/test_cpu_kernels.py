@@ -48,6 +48,10 @@ STRIPE_CASES = {
     "groups-1-zero-shift": (16, 16, (None, None), (1, 2), True, 2, 1, 4),  # shift_h = 0 while shifted
     "nonsquare-d30": (24, 40, (8, 8), (None, None), True, 2, 3, 30),
     "f1-unshifted": (8, 12, (4, 4), (None, None), False, 1, 2, 4),
+    # more tokens per window than one block of 64, blocks starting mid-row (the kernels walk
+    # windows row by row and stream stage 1 over blocks with an online softmax):
+    "multiblock-shifted": (24, 36, (12, 12), (None, None), True, 2, 2, 8),  # n1 144: blocks at (5, 4), (10, 8)
+    "multiblock-groups": (32, 48, (8, None), (None, 4), True, 4, 2, 8),  # n1 96, stripe 8 x 12
 }
 
 # (H, W, window, shifted, heads, head_dim)
