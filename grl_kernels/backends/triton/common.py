@@ -2,11 +2,12 @@
 
 Everything here mirrors :mod:`grl_kernels.geometry`:
 
-- ``grid_rows`` is ``token_position`` / ``anchor_position``: element ``i`` of window
-  (wy, wx) sits at rolled-grid coordinates (Y, X) = (wy*wh + i // ww, wx*ww + i % ww)
-  and at image row/column ((Y + shift_y) % Hg, (X + shift_x) % Wg);
+- ``grid_tile`` is ``token_position`` / ``anchor_position`` plus the region id: element ``i``
+  of window (wy, wx) sits at rolled-grid coordinates (Y, X) = (wy*wh + i // ww, wx*ww + i % ww),
+  at image row/column ((Y + shift_y) % Hg, (X + shift_x) % Wg), and in region
+  3*band(Y) + band(X);
 - ``band`` is ``region_band`` (the Python-slice quirk included: shift 0 gives band 2
-  everywhere), evaluated on rolled-grid coordinates, so a region id is 3*band_y + band_x;
+  everywhere), evaluated on rolled-grid coordinates;
 - ``logits`` returns the scores in log2 units: tau*cos*log2(e) + bias*log2(e) + mask*log2(e).
   The bias table is passed pre-multiplied by log2(e), transposed to (nh, R).
 
@@ -57,21 +58,24 @@ def decode_bwh(pid, nh, nW, nWw):
 
 
 @triton.jit
-def grid_rows(i, wy, wx, wh, ww, Hg, Wg, ty, tx):
-    """In-window (y, x), rolled-grid (Y, X) and image (row, col) of elements ``i`` of a window."""
-    y = i // ww
-    x = i % ww
-    Y = wy * wh + y
-    X = wx * ww + x
-    return y, x, Y, X, (Y + ty) % Hg, (X + tx) % Wg
-
-
-@triton.jit
 def band(pos, size, win, shift):
     """geometry.region_band on a vector of rolled-grid positions."""
     b = tl.where(pos >= size - win, 1, 0)
     b = tl.where(pos >= size - shift, 2, b)
     return tl.where(shift == 0, 2, b)
+
+
+@triton.jit
+def grid_tile(i, wy, wx, wh, ww, Hg, Wg, ty, tx, mty, mtx):
+    """Elements ``i`` of window (wy, wx) on a (Hg, Wg) grid cut in (wh, ww) windows and rolled by
+    (ty, tx): in-window (y, x), image (row, col) and region id 3*band_y + band_x, the bands
+    taken with the mask shifts (mty, mtx) (0 where the block is not shifted: band 2 everywhere)."""
+    y = i // ww
+    x = i % ww
+    Y = wy * wh + y
+    X = wx * ww + x
+    rid = 3 * band(Y, Hg, wh, mty) + band(X, Wg, ww, mtx)
+    return y, x, (Y + ty) % Hg, (X + tx) % Wg, rid
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    EPS, LOG2E, band, bias_grad_add, decode_bwh, grid_rows, inv_norm, load_rows, load_ws, logits, mma,
+    EPS, LOG2E, bias_grad_add, decode_bwh, grid_tile, inv_norm, load_rows, load_ws, logits, mma,
     normalize_bwd, row_norm, unit_rows, store_rows, store_ws,
 )
 
@@ -47,13 +47,12 @@ def stripe_bwd_tokens2(
 
     j = pid_m * BM + tl.arange(0, BM)
     vj = j < N1
-    ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+    ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
     tpos = tr.to(tl.int64) * W + tc
     q = load_rows(QKV + b64 * s_qb, tpos * s_ql, h * d, s_qc, d, vj, D)
     nq = row_norm(q)
     inv_nq = 1.0 / tl.maximum(nq, EPS)
     sq = inv_nq * (tau * LOG2E)
-    tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
     do = load_rows(DOUT + b64 * s_gb, tpos * s_gl, h * d, s_gc, d, vj, D).to(DT)
     o = load_rows(OUT + b64 * s_ob, tpos * s_ol, h * d, s_oc, d, vj, D)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -66,10 +65,9 @@ def stripe_bwd_tokens2(
     for ib in range(0, tl.cdiv(N2, BN)):
         i = ib * BN + tl.arange(0, BN)
         vi = i < N2
-        au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+        au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
         a = load_rows(anc_b, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
         inv_na = inv_norm(a)
-        aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
         r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
         s, raw = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
         p = tl.exp2(s - lse[:, None])
@@ -106,11 +104,10 @@ def stripe_bwd_anchors2(
 
     i = pid_m * BM + tl.arange(0, BM)
     vi = i < N2
-    au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+    au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
     a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
     inv_na = inv_norm(a)
     sa = inv_na * (tau * LOG2E)
-    aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
     zi = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
 
     dz = tl.zeros([BM, D], tl.float32)
@@ -120,11 +117,10 @@ def stripe_bwd_anchors2(
     for jb in range(blk0, blk1):
         j = jb * BN + tl.arange(0, BN)
         vj = j < N1
-        ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+        ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
         tpos = tr.to(tl.int64) * W + tc
         q = load_rows(qkv_b, tpos * s_ql, h * d, s_qc, d, vj, D)
         inv_nq = inv_norm(q)
-        tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
         r = (ty[None, :] - au[:, None] + ah - 1) * Rw + (tx[None, :] - av[:, None] + aw - 1)
         s, _ = logits(a, sa, q, inv_nq, bias_h, r, aid, tid, vi, vj, PREC)
         tok = pid.to(tl.int64) * N1 + j
@@ -162,11 +158,10 @@ def stripe_bwd_anchors1(
 
     i = pid_m * BM + tl.arange(0, BM)
     vi = i < N2
-    au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+    au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
     a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
     inv_na = inv_norm(a)
     sa = inv_na * (tau * LOG2E)
-    aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
     arow = pid.to(tl.int64) * N2 + i
     dzi = load_ws(DZ, arow, vi, D).to(DT)
     delta = tl.load(DELTA + arow, mask=vi, other=0.0)
@@ -178,12 +173,11 @@ def stripe_bwd_anchors1(
     for jb in range(blk0, blk1):
         j = jb * BN + tl.arange(0, BN)
         vj = j < N1
-        ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+        ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
         toff = (tr.to(tl.int64) * W + tc) * s_ql
         k = load_rows(qkv_b, toff, C + h * d, s_qc, d, vj, D)
         v = load_rows(qkv_b, toff, 2 * C + h * d, s_qc, d, vj, D)
         inv_nk = inv_norm(k)
-        tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
         r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
         s, _ = logits(a, sa, k, inv_nk, bias_h, r, aid, tid, vi, vj, PREC)
         p = tl.exp2(s - lse[:, None])
@@ -207,7 +201,7 @@ def stripe_bwd_anchor_finalize(
     b64 = b.to(tl.int64)
     i = pid_m * BM + tl.arange(0, BM)
     vi = i < N2
-    au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+    au, av, ar, ac, _ = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, 0, 0)
     a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
     na = row_norm(a)
     inv_na = 1.0 / tl.maximum(na, EPS)
@@ -236,7 +230,7 @@ def stripe_bwd_tokens1(
 
     j = pid_m * BM + tl.arange(0, BM)
     vj = j < N1
-    ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+    ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
     tpos = tr.to(tl.int64) * W + tc
     qkv_b = QKV + b64 * s_qb
     k = load_rows(qkv_b, tpos * s_ql, C + h * d, s_qc, d, vj, D)
@@ -244,7 +238,6 @@ def stripe_bwd_tokens1(
     nk = row_norm(k)
     inv_nk = 1.0 / tl.maximum(nk, EPS)
     sk = inv_nk * (tau * LOG2E)
-    tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
 
     dkh = tl.zeros([BM, D], tl.float32)
     dv = tl.zeros([BM, D], tl.float32)
@@ -252,10 +245,9 @@ def stripe_bwd_tokens1(
     for ib in range(0, tl.cdiv(N2, BN)):
         i = ib * BN + tl.arange(0, BN)
         vi = i < N2
-        au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+        au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
         a = load_rows(anc_b, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
         inv_na = inv_norm(a)
-        aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
         r = (au[None, :] - ty[:, None] + sh - 1) * Rw + (av[None, :] - tx[:, None] + sw - 1)
         s, raw = logits(k, sk, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
         arow = pid.to(tl.int64) * N2 + i

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, band, decode_bwh, grid_rows, inv_norm, load_rows, load_ws, logits, online_softmax_step,
+    LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, load_ws, logits, online_softmax_step,
     store_rows, store_ws,
 )
 
@@ -40,11 +40,10 @@ def stripe_fwd_anchor_partial(
 
     i = pid_m * BM + tl.arange(0, BM)
     vi = i < N2
-    au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+    au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
     a = load_rows(ANC + b.to(tl.int64) * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
     inv_na = inv_norm(a)
     sa = inv_na * (tau * LOG2E)
-    aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
 
     m = tl.full([BM], float("-inf"), tl.float32)
     l = tl.zeros([BM], tl.float32)
@@ -54,12 +53,11 @@ def stripe_fwd_anchor_partial(
     for jb in range(blk0, blk1):
         j = jb * BN + tl.arange(0, BN)
         vj = j < N1
-        ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+        ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
         toff = (tr.to(tl.int64) * W + tc) * s_ql
         k = load_rows(qkv_b, toff, C + h * d, s_qc, d, vj, D)
         v = load_rows(qkv_b, toff, 2 * C + h * d, s_qc, d, vj, D)
         inv_nk = inv_norm(k)
-        tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
         r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
         s, _ = logits(a, sa, k, inv_nk, bias_h, r, aid, tid, vi, vj, PREC)
         m, l, acc = online_softmax_step(m, l, acc, s, v, DT, PREC)
@@ -109,12 +107,11 @@ def stripe_fwd_tokens(
 
     j = pid_m * BM + tl.arange(0, BM)
     vj = j < N1
-    ty, tx, TY, TX, tr, tc = grid_rows(j, wy, wx, sh, sw, H, W, th, tw)
+    ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
     tpos = tr.to(tl.int64) * W + tc
     q = load_rows(QKV + b.to(tl.int64) * s_qb, tpos * s_ql, h * d, s_qc, d, vj, D)
     inv_nq = inv_norm(q)
     sq = inv_nq * (tau * LOG2E)
-    tid = 3 * band(TY, H, sh, mth) + band(TX, W, sw, mtw)
 
     m = tl.full([BM], float("-inf"), tl.float32)
     l = tl.zeros([BM], tl.float32)
@@ -122,10 +119,9 @@ def stripe_fwd_tokens(
     for ib in range(0, tl.cdiv(N2, BN)):
         i = ib * BN + tl.arange(0, BN)
         vi = i < N2
-        au, av, AU, AV, ar, ac = grid_rows(i, wy, wx, ah, aw, Ha, Wa, tah, taw)
+        au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
         a = load_rows(anc_b, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
         inv_na = inv_norm(a)
-        aid = 3 * band(AU, Ha, ah, mtah) + band(AV, Wa, aw, mtaw)
         r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
         s, _ = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
         z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    EPS, LOG2E, band, bias_grad_add, decode_bwh, grid_rows, inv_norm, load_rows, logits, mma, normalize_bwd,
+    EPS, LOG2E, bias_grad_add, decode_bwh, grid_tile, inv_norm, load_rows, logits, mma, normalize_bwd,
     row_norm, store_rows, unit_rows,
 )
 
@@ -33,13 +33,12 @@ def window_bwd_dq(
 
     j = pid_m * BM + tl.arange(0, BM)
     vq = j < N
-    qy, qx, QY, QX, qr, qc = grid_rows(j, wy, wx, ws, ws, H, W, t, t)
+    qy, qx, qr, qc, qid = grid_tile(j, wy, wx, ws, ws, H, W, t, t, t, t)
     qpos = qr.to(tl.int64) * W + qc
     q = load_rows(qkv_b, qpos * s_ql, h * d, s_qc, d, vq, D)
     nq = row_norm(q)
     inv_nq = 1.0 / tl.maximum(nq, EPS)
     sq = inv_nq * (tau * LOG2E)
-    qid = 3 * band(QY, H, ws, t) + band(QX, W, ws, t)
     do = load_rows(DOUT + b64 * s_gb, qpos * s_gl, h * d, s_gc, d, vq, D).to(DT)
     o = load_rows(OUT + b64 * s_ob, qpos * s_ol, h * d, s_oc, d, vq, D)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
@@ -52,12 +51,11 @@ def window_bwd_dq(
     for kb in range(0, tl.cdiv(N, BN)):
         jk = kb * BN + tl.arange(0, BN)
         vk = jk < N
-        ky, kx, KY, KX, kr, kc = grid_rows(jk, wy, wx, ws, ws, H, W, t, t)
+        ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
         koff = (kr.to(tl.int64) * W + kc) * s_ql
         k = load_rows(qkv_b, koff, C + h * d, s_qc, d, vk, D)
         v = load_rows(qkv_b, koff, 2 * C + h * d, s_qc, d, vk, D)
         inv_nk = inv_norm(k)
-        kid = 3 * band(KY, H, ws, t) + band(KX, W, ws, t)
         r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
         s, raw = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
         p = tl.exp2(s - lse[:, None])
@@ -91,25 +89,23 @@ def window_bwd_dkv(
 
     jk = pid_m * BM + tl.arange(0, BM)
     vk = jk < N
-    ky, kx, KY, KX, kr, kc = grid_rows(jk, wy, wx, ws, ws, H, W, t, t)
+    ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
     kpos = kr.to(tl.int64) * W + kc
     k = load_rows(qkv_b, kpos * s_ql, C + h * d, s_qc, d, vk, D)
     v = load_rows(qkv_b, kpos * s_ql, 2 * C + h * d, s_qc, d, vk, D)
     nk = row_norm(k)
     inv_nk = 1.0 / tl.maximum(nk, EPS)
     sk = inv_nk * (tau * LOG2E)
-    kid = 3 * band(KY, H, ws, t) + band(KX, W, ws, t)
 
     dkh = tl.zeros([BM, D], tl.float32)
     dv = tl.zeros([BM, D], tl.float32)
     for qb in range(0, tl.cdiv(N, BN)):
         j = qb * BN + tl.arange(0, BN)
         vq = j < N
-        qy, qx, QY, QX, qr, qc = grid_rows(j, wy, wx, ws, ws, H, W, t, t)
+        qy, qx, qr, qc, qid = grid_tile(j, wy, wx, ws, ws, H, W, t, t, t, t)
         qpos = qr.to(tl.int64) * W + qc
         q = load_rows(qkv_b, qpos * s_ql, h * d, s_qc, d, vq, D)
         inv_nq = inv_norm(q)
-        qid = 3 * band(QY, H, ws, t) + band(QX, W, ws, t)
         r = (qy[None, :] - ky[:, None] + ws - 1) * Rw + (qx[None, :] - kx[:, None] + ws - 1)
         s, _ = logits(k, sk, q, inv_nq, bias_h, r, kid, qid, vk, vq, PREC)
         row = pid.to(tl.int64) * N + j

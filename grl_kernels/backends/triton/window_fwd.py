@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, band, decode_bwh, grid_rows, inv_norm, load_rows, logits, online_softmax_step, store_rows,
+    LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, logits, online_softmax_step, store_rows,
 )
 
 
@@ -33,12 +33,11 @@ def window_fwd(
 
     j = pid_m * BM + tl.arange(0, BM)
     vq = j < N
-    qy, qx, QY, QX, qr, qc = grid_rows(j, wy, wx, ws, ws, H, W, t, t)
+    qy, qx, qr, qc, qid = grid_tile(j, wy, wx, ws, ws, H, W, t, t, t, t)
     qpos = qr.to(tl.int64) * W + qc
     q = load_rows(qkv_b, qpos * s_ql, h * d, s_qc, d, vq, D)
     inv_nq = inv_norm(q)
     sq = inv_nq * (tau * LOG2E)
-    qid = 3 * band(QY, H, ws, t) + band(QX, W, ws, t)
 
     m = tl.full([BM], float("-inf"), tl.float32)
     l = tl.zeros([BM], tl.float32)
@@ -46,12 +45,11 @@ def window_fwd(
     for kb in range(0, tl.cdiv(N, BN)):
         jk = kb * BN + tl.arange(0, BN)
         vk = jk < N
-        ky, kx, KY, KX, kr, kc = grid_rows(jk, wy, wx, ws, ws, H, W, t, t)
+        ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
         koff = (kr.to(tl.int64) * W + kc) * s_ql
         k = load_rows(qkv_b, koff, C + h * d, s_qc, d, vk, D)
         v = load_rows(qkv_b, koff, 2 * C + h * d, s_qc, d, vk, D)
         inv_nk = inv_norm(k)
-        kid = 3 * band(KY, H, ws, t) + band(KX, W, ws, t)
         r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
         s, _ = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
         m, l, acc = online_softmax_step(m, l, acc, s, v, DT, PREC)
