@@ -1,9 +1,12 @@
 """Build script: the Python package, plus compiled extensions when their sources exist.
 
 Metadata lives in pyproject.toml. The compiled extension (csrc/) is added by
-``_extensions()``; without sources or a compiler the package still installs.
+``_extensions()``; without sources or a compiler the package still installs, and every
+install carries a copy of csrc/ inside the package (``grl_kernels/_src/csrc``, see
+``BuildPyWithSources``) so the kernels can be built just in time on first use.
 """
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 
 def _build_config():
@@ -25,6 +28,31 @@ def _note(msg):
     print(f"grl_kernels setup: {msg}", file=sys.stderr)
 
 
+class BuildPyWithSources(build_py):
+    """build_py that also copies csrc/ into the built package as grl_kernels/_src/csrc: wheels
+    (and installs from a checkout or an sdist, which go through a wheel) then hold the kernel
+    sources for the just-in-time build. Editable installs read the checkout's csrc/ directly."""
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        import os
+
+        here, cfg = _build_config()
+        src = os.path.join(here, "csrc")
+        if not os.path.isdir(src):
+            _note("csrc/ not found: the installed package cannot build its kernels just in time")
+            return
+        dest = os.path.join(self.build_lib, "grl_kernels", cfg.PACKAGED_SOURCE_DIR, "csrc")
+        for folder, _, files in os.walk(src):
+            for f in files:
+                if f.endswith(cfg.SOURCE_SUFFIXES):
+                    rel = os.path.relpath(os.path.join(folder, f), src)
+                    os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+                    self.copy_file(os.path.join(folder, f), os.path.join(dest, rel))
+
+
 def _want_cuda(torch, cpp_extension):
     import os
 
@@ -42,7 +70,8 @@ def _extensions():
     CUDA build of torch are present. With build isolation torch is not importable here: then no
     extension is built and the package builds its kernels just in time on first use.
     Honours MAX_JOBS and TORCH_CUDA_ARCH_LIST (torch's build tools); GRL_KERNELS_NO_EXT=1 skips all,
-    GRL_KERNELS_NO_CUDA=1 skips CUDA, GRL_KERNELS_PORTABLE=1 drops -march=native.
+    GRL_KERNELS_NO_CUDA=1 skips CUDA. The CPU code is built portable (it may go into a wheel for
+    other x86-64 CPUs) unless GRL_KERNELS_NATIVE=1 (-march=native, for this machine only).
     """
     import os
 
@@ -65,7 +94,7 @@ def _extensions():
             f"grl_kernels.{cfg.CPU_NAME}",
             cfg.CPU_SOURCES,
             include_dirs=include,
-            extra_compile_args={"cxx": cfg.cpu_cflags(here)},
+            extra_compile_args={"cxx": cfg.cpu_cflags(here, native=cfg.setup_native())},
             extra_link_args=list(cfg.CPU_LDFLAGS),
         )
     ]
@@ -85,4 +114,5 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
+cmdclass["build_py"] = BuildPyWithSources
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -7,6 +7,7 @@ and the backend controls :func:`available_backends`, :func:`use_backend`,
 """
 from .backends import (
     BackendUnavailableError,
+    FallbackWarning,
     available_backends,
     backend_info,
     get_default_backend,
@@ -24,6 +25,7 @@ __all__ = [
     "AnchoredStripeAttention",
     "WindowAttention",
     "BackendUnavailableError",
+    "FallbackWarning",
     "anchored_stripe_attention",
     "grl_window_attention",
     "stripe_attention",

@@ -2,6 +2,7 @@
 from .registry import (
     Backend,
     BackendUnavailableError,
+    FallbackWarning,
     available_backends,
     backend_info,
     get_default_backend,
@@ -21,6 +22,7 @@ except Exception:  # pragma: no cover
 __all__ = [
     "Backend",
     "BackendUnavailableError",
+    "FallbackWarning",
     "available_backends",
     "backend_info",
     "get_default_backend",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
 
@@ -105,6 +106,28 @@ def use_backend(name: str) -> Iterator[None]:
         stack.pop()
 
 
+_warned: set = set()
+_warn_lock = threading.Lock()
+
+
+class FallbackWarning(UserWarning):
+    """"auto" ran a slower backend because a faster one that takes the inputs is unavailable."""
+
+
+def _warn_fallback_once(skipped: List[Backend], chosen: Backend) -> None:
+    """One warning per process and skipped backend, with its reason (which says what to install)."""
+    with _warn_lock:
+        new = [b for b in skipped if b.name not in _warned]
+        _warned.update(b.name for b in new)
+    for b in new:
+        warnings.warn(
+            f"grl_kernels: backend {b.name!r} is unavailable ({b.availability()[1]}); 'auto' runs the "
+            f"slower {chosen.name!r} backend instead. `grl-kernels info` lists every backend's status.",
+            FallbackWarning,
+            stacklevel=4,
+        )
+
+
 def resolve_backend(name: Optional[str], device: torch.device, dtype: torch.dtype) -> Backend:
     """The backend to run for inputs on ``device`` with ``dtype``.
 
@@ -113,9 +136,14 @@ def resolve_backend(name: Optional[str], device: torch.device, dtype: torch.dtyp
     """
     name = _check_name(get_default_backend() if name is None else name)
     if name == "auto":
+        skipped = []
         for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-            if b.supports(device, dtype) and b.availability()[0]:
-                return b
+            if b.supports(device, dtype):
+                if b.availability()[0]:
+                    if skipped:
+                        _warn_fallback_once(skipped, b)
+                    return b
+                skipped.append(b)
         raise BackendUnavailableError(f"no available backend handles {dtype} tensors on {device}")
     b = _REGISTRY[name]
     ok, why = b.availability()

@@ -1,18 +1,28 @@
 """Loader of the compiled extensions (CPU: ``_C_cpu``, CUDA: ``_C_cuda``).
 
-Order: the module built by ``pip install --no-build-isolation -e .`` (``grl_kernels._C_cpu``);
-if it is missing or stale, ONE just-in-time build per process with
-``torch.utils.cpp_extension.load`` into a cache folder (progress on stderr). If that fails too,
-:func:`load` raises :class:`ExtensionUnavailable` carrying the compiler's reason, every later
-call re-raises it at once, and the backends report themselves unavailable.
+Order: the module built at install time (``grl_kernels._C_cpu``: in a wheel, or from
+``pip install --no-build-isolation``); if it is missing or stale, ONE just-in-time build per
+process with ``torch.utils.cpp_extension.load`` into a cache folder (one message on stderr
+saying where). If that fails too, :func:`load` raises :class:`ExtensionUnavailable` carrying the
+compiler's reason and what to install; every later call re-raises it at once, and the backends
+report themselves unavailable.
 
-Cache folder: ``$GRL_KERNELS_CACHE`` or ``~/.cache/grl_kernels``, one subfolder per torch
-version and Python version. ``GRL_KERNELS_NO_JIT=1`` disables the JIT build.
+Sources: a source checkout's ``csrc/`` (editable installs), else the copy that every install
+carries inside the package (``grl_kernels/_src/csrc``), so the just-in-time build works after
+``pip install <checkout>``, ``pip install <sdist>`` or a wheel.
+
+Cache: ``$GRL_KERNELS_CACHE`` or ``~/.cache/grl_kernels``, one folder per torch and Python
+version, in it one build folder per extension, source hash and flags. A matching earlier
+build is reused; changed sources, flags or torch get a new build. Builds are serialized across
+processes by a file lock (an OS lock, released if its holder dies). ``GRL_KERNELS_NO_JIT=1``
+disables the just-in-time build.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -20,9 +30,15 @@ from typing import Dict
 
 from . import build_config as cfg
 
-_ROOT = Path(__file__).resolve().parents[3]  # repository root (holds csrc/)
+_PACKAGE = Path(__file__).resolve().parents[2]  # the installed grl_kernels/ folder
+_CHECKOUT = _PACKAGE.parent  # a source checkout's root, when the package runs from one
 _lock = threading.Lock()
 _cache: Dict[str, object] = {}
+INSTALL_HINT = (
+    "the fused kernels need a C++ compiler and ninja at first use: install g++ (Debian/Ubuntu: "
+    "'apt-get install g++'; Fedora: 'dnf install gcc-c++'; conda: 'conda install gxx') and "
+    "'pip install ninja'; GRL_KERNELS_VERBOSE_BUILD=1 prints the whole build log"
+)
 
 
 class ExtensionUnavailable(RuntimeError):
@@ -30,7 +46,10 @@ class ExtensionUnavailable(RuntimeError):
 
 
 def source_root() -> Path:
-    return _ROOT
+    """The folder holding ``csrc/``: the checkout the package runs from, else the packaged copy."""
+    if (_CHECKOUT / "csrc").is_dir() and (_CHECKOUT / "setup.py").is_file():
+        return _CHECKOUT
+    return _PACKAGE / cfg.PACKAGED_SOURCE_DIR
 
 
 def cache_dir() -> Path:
@@ -48,20 +67,36 @@ def _prebuilt(name: str):
         return None
     if getattr(mod, "abi_version", None) != cfg.ABI_VERSION:
         return None  # built from incompatible sources
-    if (_ROOT / "csrc").is_dir() and getattr(mod, "source_hash", None) != cfg.source_hash(_ROOT):
-        print(f"grl_kernels: the installed {name} was built from other sources than {_ROOT / 'csrc'}; "
+    root = source_root()
+    if (root / "csrc").is_dir() and getattr(mod, "source_hash", None) != cfg.source_hash(root):
+        print(f"grl_kernels: the installed {name} was built from other sources than {root / 'csrc'}; "
               "rebuilding just in time", file=sys.stderr, flush=True)
         return None
     return mod
 
 
-def _cached_build_is_fresh(so: Path) -> bool:
-    """True when a cached build exists and is newer than every file under csrc/ (no message then)."""
-    try:
-        built = so.stat().st_mtime
-        return all(f.stat().st_mtime <= built for f in (_ROOT / "csrc").rglob("*") if f.is_file())
-    except OSError:
-        return False
+def _build_flags(kind: str, root: Path):
+    if kind == "cpu":
+        return dict(extra_cflags=cfg.cpu_cflags(root), extra_ldflags=list(cfg.CPU_LDFLAGS))
+    return dict(extra_cflags=cfg.cuda_cflags(root), extra_cuda_cflags=cfg.nvcc_flags())
+
+
+def build_dir_for(kind: str, root: Path, flags) -> Path:
+    """One folder per (extension, sources, flags) inside the per-torch cache folder."""
+    key = hashlib.sha1(f"{cfg.source_hash(root)}|{sorted(flags.items())}".encode()).hexdigest()[:12]
+    return cache_dir() / f"{kind}-{key}"
+
+
+def _missing_tools(kind: str):
+    from torch.utils import cpp_extension
+
+    missing = []
+    if not cpp_extension.is_ninja_available():
+        missing.append("ninja ('pip install ninja')")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None and shutil.which("g++") is None:
+        missing.append(f"a C++ compiler ({cxx!r} not on PATH)")
+    return missing
 
 
 def _jit(kind: str):
@@ -70,46 +105,76 @@ def _jit(kind: str):
 
     if os.environ.get("GRL_KERNELS_NO_JIT", "0") == "1":
         raise ExtensionUnavailable("no prebuilt extension and GRL_KERNELS_NO_JIT=1")
+    root = source_root()
     sources = cfg.CPU_SOURCES if kind == "cpu" else cfg.CUDA_SOURCES
-    paths = [_ROOT / s for s in sources]
+    paths = [root / s for s in sources]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise ExtensionUnavailable(f"extension sources not found (install from a source checkout): {missing}")
+        raise ExtensionUnavailable(f"extension sources not found (a broken install? reinstall grl_kernels): {missing}")
     if kind == "cuda":
         if torch.version.cuda is None:
             raise ExtensionUnavailable("this torch build has no CUDA support")
         if cpp_extension.CUDA_HOME is None:
             raise ExtensionUnavailable("no CUDA toolkit found (set CUDA_HOME) to build the CUDA kernels")
-    build_dir = cache_dir() / kind
+    tools = _missing_tools(kind)
+    if tools:
+        raise ExtensionUnavailable(f"cannot build the {kind} extension: missing {', '.join(tools)}; {INSTALL_HINT}")
+    flags = _build_flags(kind, root)
+    build_dir = build_dir_for(kind, root, flags)
     build_dir.mkdir(parents=True, exist_ok=True)
-    fresh = _cached_build_is_fresh(build_dir / f"grl_kernels_C_{kind}.so")
-    if not fresh:
-        print(
-            f"grl_kernels: building the {kind} extension just in time (once; cached in {build_dir}) ...",
-            file=sys.stderr,
-            flush=True,
-        )
-    kwargs = dict(
-        name=f"grl_kernels_C_{kind}",
-        sources=[str(p) for p in paths],
-        extra_include_paths=[str(_ROOT / d) for d in cfg.INCLUDE_DIRS],
-        build_directory=str(build_dir),
-        verbose=os.environ.get("GRL_KERNELS_VERBOSE_BUILD", "0") == "1",
-    )
-    if kind == "cpu":
-        kwargs.update(extra_cflags=cfg.cpu_cflags(_ROOT), extra_ldflags=cfg.CPU_LDFLAGS)
-    else:
-        kwargs.update(extra_cflags=cfg.cuda_cflags(_ROOT), extra_cuda_cflags=cfg.nvcc_flags())
+    name = f"grl_kernels_C_{kind}"
+    return _locked_build(kind, name, paths, root, flags, build_dir)
+
+
+def _locked_build(kind, name, paths, root, flags, build_dir):
+    from filelock import FileLock, Timeout  # a dependency of torch
+    from torch.utils import cpp_extension
+
+    lock = FileLock(str(build_dir) + ".lock")
     try:
-        mod = cpp_extension.load(**kwargs)
-    except Exception as exc:  # compiler errors come as RuntimeError / CalledProcessError
-        msg = str(exc).strip().splitlines()
-        tail = "\n".join(msg[-15:]) if msg else type(exc).__name__
-        print(f"grl_kernels: the {kind} extension build failed: {tail}", file=sys.stderr, flush=True)
-        raise ExtensionUnavailable(f"just-in-time build of the {kind} extension failed: {tail}") from exc
-    if not fresh:
-        print(f"grl_kernels: {kind} extension ready.", file=sys.stderr, flush=True)
-    return mod
+        lock.acquire(timeout=1)
+    except Timeout:
+        print(f"grl_kernels: another process is building the {kind} extension in {build_dir}; waiting ...",
+              file=sys.stderr, flush=True)
+        lock.acquire(timeout=float(os.environ.get("GRL_KERNELS_BUILD_WAIT", "1800")))
+    try:
+        fresh = (build_dir / f"{name}.so").is_file()
+        if not fresh:
+            print(f"grl_kernels: building the {kind} extension just in time (once, 1-3 minutes; cached in "
+                  f"{build_dir}) ...", file=sys.stderr, flush=True)
+        stale = build_dir / "lock"  # torch's own baton, left behind if a builder was killed
+        if stale.exists():
+            stale.unlink()  # safe: we hold the lock, so no other grl_kernels build runs here
+        try:
+            mod = cpp_extension.load(
+                name=name,
+                sources=[str(p) for p in paths],
+                extra_include_paths=[str(root / d) for d in cfg.INCLUDE_DIRS],
+                build_directory=str(build_dir),
+                verbose=os.environ.get("GRL_KERNELS_VERBOSE_BUILD", "0") == "1",
+                **flags,
+            )
+        except Exception as exc:  # compiler errors come as RuntimeError / CalledProcessError
+            tail = _compiler_message(exc, build_dir)
+            print(f"grl_kernels: the {kind} extension build failed:\n{tail}\n{INSTALL_HINT}", file=sys.stderr, flush=True)
+            raise ExtensionUnavailable(f"just-in-time build of the {kind} extension failed: {tail}; {INSTALL_HINT}") from exc
+        if not fresh:
+            print(f"grl_kernels: {kind} extension ready.", file=sys.stderr, flush=True)
+        return mod
+    finally:
+        lock.release()
+
+
+def _compiler_message(exc: Exception, build_dir: Path) -> str:
+    """The compiler's own words: the first error lines of the build, else the exception's tail."""
+    text = str(exc).strip()
+    out = getattr(exc, "output", None)
+    if isinstance(out, bytes):
+        text = out.decode(errors="replace") + "\n" + text
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower() and "ninja" not in ln.lower()]
+    picked = (errors[:8] or lines[-15:]) if lines else [type(exc).__name__]
+    return "\n".join(picked)
 
 
 def load(kind: str):

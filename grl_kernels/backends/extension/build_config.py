@@ -3,9 +3,12 @@
 Plain Python without imports of torch or of the package, so setup.py can load it by
 file path. Paths are relative to the repository root (the folder holding csrc/).
 
-Environment:
-- GRL_KERNELS_PORTABLE=1: do not add -march=native (binaries for other CPUs);
-- MAX_JOBS, TORCH_CUDA_ARCH_LIST: honoured by torch's build tools as usual.
+Where the code is built decides the CPU flags:
+- the just-in-time build runs on the machine that uses it: ``-march=native`` unless
+  GRL_KERNELS_PORTABLE=1;
+- setup.py builds go into wheels that may run on any x86-64 CPU: portable (no ``-march``)
+  unless GRL_KERNELS_NATIVE=1 (what scripts/setup_env.sh sets for the editable developer build).
+MAX_JOBS and TORCH_CUDA_ARCH_LIST are honoured by torch's build tools as usual.
 """
 import os
 
@@ -19,16 +22,30 @@ CUDA_SOURCES = ["csrc/cuda/grl_cuda_binding.cpp", "csrc/cuda/grl_stripe.cu", "cs
 INCLUDE_DIRS = ["csrc/include", "csrc/cpu", "csrc/cuda"]
 
 
-def cpu_cflags(root=None):
+def cpu_cflags(root=None, native=None):
+    """Flags of the CPU extension. ``native`` None: the just-in-time default (native unless
+    GRL_KERNELS_PORTABLE=1); setup.py passes :func:`setup_native`."""
     # the C++ standard is torch's (C++20 for torch 2.13). -fno-tree-loop-distribute-patterns:
     # keep the short row copies (head dim 16-64) as inline vector loops instead of calls to
     # memcpy/memset, which cost more than the copy at this size (measured: 11% of a forward).
     flags = ["-O3", "-fopenmp", "-fno-tree-loop-distribute-patterns"]
     if root is not None:
         flags.append(hash_define(root))
-    if os.environ.get("GRL_KERNELS_PORTABLE", "0") != "1":
+    if native is None:
+        native = os.environ.get("GRL_KERNELS_PORTABLE", "0") != "1"
+    if native:
         flags.append("-march=native")
     return flags
+
+
+def setup_native() -> bool:
+    """setup.py builds are portable unless GRL_KERNELS_NATIVE=1 (a build for this machine only)."""
+    return os.environ.get("GRL_KERNELS_NATIVE", "0") == "1"
+
+
+# Where installed packages keep their copy of csrc/ (setup.py's build_py puts it there), so the
+# just-in-time build works from any install, not only from a source checkout.
+PACKAGED_SOURCE_DIR = "_src"  # grl_kernels/_src/csrc/...
 
 
 CPU_LDFLAGS = ["-fopenmp"]
