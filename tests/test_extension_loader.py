@@ -67,6 +67,29 @@ def test_compiler_failure_is_reported_with_the_compilers_message(tmp_path, monke
     assert "'foo' was not declared" in capsys.readouterr().err
 
 
+def test_a_finished_build_is_imported_without_running_the_build_tools(tmp_path, monkeypatch):
+    from torch.utils import cpp_extension
+
+    build = tmp_path / "cpu-abc"
+    build.mkdir()
+    (build / "m.so").write_bytes(b"")
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: pytest.fail("rebuilt a finished build"))
+    monkeypatch.setattr(extension, "_import_built", lambda name, so: ("imported", name, so))
+    got = extension._locked_build("cpu", "m", [], extension.source_root(), {}, build)
+    assert got == ("imported", "m", build / "m.so")
+
+
+def test_a_broken_cached_build_is_rebuilt(tmp_path, monkeypatch, capsys):
+    from torch.utils import cpp_extension
+
+    build = tmp_path / "cpu-abc"
+    build.mkdir()
+    (build / "m.so").write_bytes(b"not an ELF file")  # e.g. a build killed while linking
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: "rebuilt")
+    assert extension._locked_build("cpu", "m", [], extension.source_root(), {}, build) == "rebuilt"
+    assert "rebuilding" in capsys.readouterr().err
+
+
 def test_missing_compiler_is_named_before_building(monkeypatch):
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
     monkeypatch.setattr(extension.shutil, "which", lambda name: None)

@@ -138,10 +138,13 @@ def _locked_build(kind, name, paths, root, flags, build_dir):
               file=sys.stderr, flush=True)
         lock.acquire(timeout=float(os.environ.get("GRL_KERNELS_BUILD_WAIT", "1800")))
     try:
-        fresh = (build_dir / f"{name}.so").is_file()
-        if not fresh:
-            print(f"grl_kernels: building the {kind} extension just in time (once, 1-3 minutes; cached in "
-                  f"{build_dir}) ...", file=sys.stderr, flush=True)
+        so = build_dir / f"{name}.so"
+        if so.is_file():  # the hash in the folder's name says it matches: import it, run no build tool
+            mod = _import_built(name, so)
+            if mod is not None:
+                return mod
+        print(f"grl_kernels: building the {kind} extension just in time (once, 1-3 minutes; cached in "
+              f"{build_dir}) ...", file=sys.stderr, flush=True)
         stale = build_dir / "lock"  # torch's own baton, left behind if a builder was killed
         if stale.exists():
             stale.unlink()  # safe: we hold the lock, so no other grl_kernels build runs here
@@ -158,11 +161,25 @@ def _locked_build(kind, name, paths, root, flags, build_dir):
             tail = _compiler_message(exc, build_dir)
             print(f"grl_kernels: the {kind} extension build failed:\n{tail}\n{INSTALL_HINT}", file=sys.stderr, flush=True)
             raise ExtensionUnavailable(f"just-in-time build of the {kind} extension failed: {tail}; {INSTALL_HINT}") from exc
-        if not fresh:
-            print(f"grl_kernels: {kind} extension ready.", file=sys.stderr, flush=True)
+        print(f"grl_kernels: {kind} extension ready.", file=sys.stderr, flush=True)
         return mod
     finally:
         lock.release()
+
+
+def _import_built(name: str, so: Path):
+    """Import a finished build directly. (cpp_extension.load would re-run ninja, and rebuild
+    everything when the same sources sit at another path, e.g. in another venv.)"""
+    import importlib.util
+
+    try:
+        spec = importlib.util.spec_from_file_location(name, so)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    except Exception as exc:  # a partial or broken build: build again
+        print(f"grl_kernels: cannot import the cached {so} ({exc}); rebuilding", file=sys.stderr, flush=True)
+        return None
+    return mod
 
 
 def _compiler_message(exc: Exception, build_dir: Path) -> str:
