@@ -245,7 +245,10 @@ class GRL(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"input must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+            raise ValueError(
+                f"input must be a (B, C, H, W) tensor, got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         if not x.is_floating_point():
             raise TypeError(f"input must be a floating tensor (the model's parameters are {self.conv_first.weight.dtype}), got {x.dtype}")
         if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
