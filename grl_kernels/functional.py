@@ -34,6 +34,7 @@ def stripe_attention(
     ``scale*``: tau per head (nh,); ``bias*``: 16 * sigmoid(T) tables (R, nh).
     Validates shapes against ``geom`` and dispatches.
     """
+    V.check_geometry(geom, "geom", StripeGeometry, "stripe_geometry")
     V.check_num_heads(num_heads)
     B, C = V.check_qkv(qkv, (geom.H, geom.W), num_heads)
     V.check_anchor(anchor, qkv, B, C, (geom.Ha, geom.Wa), geom.down)
@@ -54,6 +55,7 @@ def window_attention(
     backend: Optional[str] = None,
 ) -> torch.Tensor:
     """Low-level window attention for a prepared geometry (see :func:`stripe_attention`)."""
+    V.check_geometry(geom, "geom", WindowGeometry, "window_geometry")
     V.check_num_heads(num_heads)
     V.check_qkv(qkv, (geom.H, geom.W), num_heads)
     V.check_param(scale, "scale", (num_heads,), qkv)
@@ -87,6 +89,15 @@ def anchored_stripe_attention(
     x_size = V.check_x_size(x_size)
     ss, sg = V.check_stripe_config(stripe_size, stripe_groups)
     geom = stripe_geometry(x_size, ss, sg, bool(stripe_shift), anchor_window_down_factor)
+    V.check_num_heads(num_heads)
+    for name, t in (("logit_scale1", logit_scale1), ("logit_scale2", logit_scale2)):
+        V.check_logit_scale(t, name, num_heads)
+    for name, t in (("bias_table1", bias_table1), ("bias_table2", bias_table2)):
+        if isinstance(t, torch.Tensor) and tuple(t.shape) != (geom.table_rows, num_heads):
+            raise ValueError(
+                f"{name} must have shape (R, num_heads) = {(geom.table_rows, num_heads)} for this stripe geometry "
+                f"(R = (sh + ah - 1) * (sw + aw - 1)), got {tuple(t.shape)}"
+            )
     return stripe_attention(
         qkv, anchor, geom, num_heads, logit_scale_to_tau(logit_scale1), bias_table1,
         logit_scale_to_tau(logit_scale2), bias_table2, backend,
@@ -106,4 +117,11 @@ def grl_window_attention(
     """GRL window attention on the image layout: qkv (B, H*W, 3C) -> (B, H*W, C)."""
     x_size = V.check_x_size(x_size)
     geom = window_geometry(x_size, window_size, bool(window_shift))
+    V.check_num_heads(num_heads)
+    V.check_logit_scale(logit_scale, "logit_scale", num_heads)
+    if isinstance(bias_table, torch.Tensor) and tuple(bias_table.shape) != (geom.table_rows, num_heads):
+        raise ValueError(
+            f"bias_table must have shape (R, num_heads) = {(geom.table_rows, num_heads)} for window_size "
+            f"{geom.ws} (R = (2 * window_size - 1)^2), got {tuple(bias_table.shape)}"
+        )
     return window_attention(qkv, geom, num_heads, logit_scale_to_tau(logit_scale), bias_table, backend)

@@ -94,7 +94,10 @@ class AnchoredStripeAttention(nn.Module, _BackendMixin):
 
     def forward(self, qkv: torch.Tensor, anchor: torch.Tensor, x_size: Sequence[int]) -> torch.Tensor:
         if self.attn_drop > 0 and self.training:
-            raise NotImplementedError("attention dropout > 0 in training is not supported by grl_kernels")
+            raise NotImplementedError(
+                f"attn_drop = {self.attn_drop} > 0 in training is not supported by grl_kernels; expected attn_drop = 0 "
+                "(every published configuration) or eval mode"
+            )
         geom = self.geometry(x_size)
         table = geom.coords_table(qkv.device)
         return stripe_attention(
@@ -149,7 +152,10 @@ class WindowAttention(nn.Module, _BackendMixin):
 
     def forward(self, qkv: torch.Tensor, x_size: Sequence[int]) -> torch.Tensor:
         if self.attn_drop > 0 and self.training:
-            raise NotImplementedError("attention dropout > 0 in training is not supported by grl_kernels")
+            raise NotImplementedError(
+                f"attn_drop = {self.attn_drop} > 0 in training is not supported by grl_kernels; expected attn_drop = 0 "
+                "(every published configuration) or eval mode"
+            )
         geom = self.geometry(x_size)
         table = geom.coords_table(qkv.device)
         return window_attention(

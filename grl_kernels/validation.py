@@ -29,7 +29,7 @@ def check_x_size(x_size) -> Tuple[int, int]:
         if isinstance(v, torch.Tensor) and v.numel() == 1:
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise TypeError(f"x_size must be a pair (H, W) of positive ints, got {tuple(x_size)!r}")
+            raise TypeError(f"x_size must be a pair (H, W) of positive ints (H >= 1, W >= 1), got {tuple(x_size)!r}")
         out.append(v)
     return out[0], out[1]
 
@@ -44,10 +44,14 @@ def check_qkv(qkv, x_size: Tuple[int, int], num_heads: int) -> Tuple[int, int]:
     if C3 % 3:
         raise ValueError(f"qkv last dimension must be 3*C ([q | k | v]), got {C3} which is not divisible by 3")
     C = C3 // 3
+    if C == 0:
+        raise ValueError(f"qkv last dimension must be 3*C with C >= num_heads = {num_heads} channels per branch, got 0")
     if C % num_heads:
         raise ValueError(f"channels per branch C = {C} must be divisible by num_heads = {num_heads}")
     if B == 0:
-        raise ValueError("qkv has batch size 0")
+        raise ValueError(
+            f"qkv has batch size 0 (shape {tuple(qkv.shape)}); expected B >= 1: empty batches are refused on every backend"
+        )
     return B, C
 
 
@@ -78,6 +82,21 @@ def check_param(t, name: str, shape: Sequence[int], ref: torch.Tensor) -> None:
         raise TypeError(f"{name} must be floating, got {t.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but qkv is on {ref.device}; expected the same device")
+
+
+def check_logit_scale(t, name: str, num_heads: int) -> None:
+    """A learned logit scale lambda: (nh,) or the published (nh, 1, 1)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape ({num_heads},) or ({num_heads}, 1, 1), got {type(t).__name__}")
+    if tuple(t.shape) not in ((num_heads,), (num_heads, 1, 1)):
+        raise ValueError(
+            f"{name} must have shape ({num_heads},) or ({num_heads}, 1, 1) (one value per head), got {tuple(t.shape)}"
+        )
+
+
+def check_geometry(geom, name: str, cls, maker: str) -> None:
+    if not isinstance(geom, cls):
+        raise TypeError(f"{name} must be a {cls.__name__} (from grl_kernels.geometry.{maker}), got {type(geom).__name__}")
 
 
 def check_num_heads(num_heads) -> int:

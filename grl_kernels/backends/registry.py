@@ -8,11 +8,10 @@ that supports the inputs' device and dtype; "reference" always qualifies.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 
@@ -92,18 +91,38 @@ def get_default_backend() -> str:
     return stack[-1] if stack else _global_default[0]
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Context manager: everything run inside uses ``name`` unless a call names its own."""
-    _check_name(name)
-    stack = getattr(_state, "stack", None)
-    if stack is None:
-        stack = _state.stack = []
-    stack.append(name)
-    try:
-        yield
-    finally:
+class use_backend:
+    """Context manager: everything run inside uses ``name`` unless a call names its own.
+
+    The selection is per thread (each thread has its own stack). One object may be entered
+    several times, also nested and from several threads: every ``with`` pushes ``name`` on
+    the current thread's stack and its exit pops it again.
+    """
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = _check_name(name)
+
+    def __enter__(self) -> "use_backend":
+        stack = getattr(_state, "stack", None)
+        if stack is None:
+            stack = _state.stack = []
+        stack.append(self.name)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        stack = getattr(_state, "stack", None)
+        if not stack or stack[-1] != self.name:  # exits out of order: a misuse, never silent
+            raise RuntimeError(
+                f"use_backend({self.name!r}) exited while the innermost active backend of this thread is "
+                f"{stack[-1] if stack else None!r}; expected contexts to be exited in reverse order of entry"
+            )
         stack.pop()
+        return False
+
+    def __repr__(self) -> str:
+        return f"use_backend({self.name!r})"
 
 
 _warned: set = set()

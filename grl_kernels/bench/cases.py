@@ -178,14 +178,26 @@ def parse_case(spec: str) -> Case:
     bad = set(opts) - known
     if bad:
         raise ValueError(f"geometry {spec!r}: unknown keys {sorted(bad)}; known: {sorted(known)}")
-    heads, dim = int(opts.get("heads", 3)), int(opts.get("dim", 30))
+    def positive(key, default):
+        text = opts.get(key, str(default))
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < 1:
+            raise ValueError(f"geometry {spec!r}: {key} must be an int >= 1, got {text!r}")
+        return value
+
+    if H < 1 or W < 1:
+        raise ValueError(f"geometry {spec!r}: the image size HxW needs H >= 1 and W >= 1, got {parts[0]!r}")
+    heads, dim = positive("heads", 3), positive("dim", 30)
     shifted = opts.get("shift", "1") not in ("0", "false", "False")
-    batch = int(opts.get("batch", 1))
+    batch = positive("batch", 1)
     if kind == "stripe":
         case = _stripe(spec, H, W, heads, dim, pair(opts.get("size", "8xNone")), pair(opts.get("groups", "Nonex4")),
-                       shifted, int(opts.get("f", 4)), opts.get("vertical", "0") not in ("0", "false", "False"), batch)
+                       shifted, positive("f", 4), opts.get("vertical", "0") not in ("0", "false", "False"), batch)
     else:
-        case = _window(spec, H, W, heads, dim, int(opts.get("ws", 8)), shifted, batch)
+        case = _window(spec, H, W, heads, dim, positive("ws", 8), shifted, batch)
     case.geometry()  # raises ValueError on sizes that do not divide
     return case
 

@@ -28,6 +28,25 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def _int_at_least(low: int):
+    """argparse type: an int >= low (a count of 0 or less would run something else than asked)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+_POSITIVE, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grl-kernels", description="Fused GRL attention kernels: info, check, bench.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -60,11 +79,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="e.g. 'stripe:128x128,size=8xNone,groups=Nonex4,shift=1,f=4,heads=3,dim=30' or "
                         "'window:128x128,ws=8,shift=1,heads=3,dim=30' (repeatable; default: the GRL set)")
     s.add_argument("--size", action=_Once, metavar="HxW", help="image size of the default geometries")
-    s.add_argument("--batch", action=_Once, type=int, default=1)
+    s.add_argument("--batch", action=_Once, type=_POSITIVE, default=1)
     s.add_argument("--device", action=_Once, choices=("cpu", "cuda"), help="default: cuda when available")
     s.add_argument("--dtype", action=_Once, choices=DTYPES, default="float32")
-    s.add_argument("--reps", action=_Once, type=int, help="timed repetitions (default 10, --quick 3)")
-    s.add_argument("--warmup", action=_Once, type=int, default=2)
+    s.add_argument("--reps", action=_Once, type=_POSITIVE, help="timed repetitions (default 10, --quick 3)")
+    s.add_argument("--warmup", action=_Once, type=_NON_NEGATIVE, default=2)
     s.add_argument("--backend", action="append", metavar="NAME", help="fused backend(s) to time (default: all available)")
     s.add_argument("--baselines", action=_Once, default="reference,compile,flex",
                    help="comma-separated from reference,compile,flex (default: all; 'none' for none)")
@@ -72,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ceilings", action="store_true", help="skip measuring the matmul/copy ceilings")
     s.add_argument("--model", action="store_true", help="run the whole-model benchmark instead (see bench-model)")
     s.add_argument("--preset", action="append", help="with --model: GRL-T, GRL-S, GRL-B (repeatable)")
-    s.add_argument("--image-size", type=int, action="append", help="with --model: image side (repeatable)")
+    s.add_argument("--image-size", type=_POSITIVE, action="append", help="with --model: image side (repeatable)")
     s.add_argument("--no-train", action="store_true", help="with --model: inference only")
     s.add_argument("--json", action=_Once, metavar="FILE")
     s.add_argument("--markdown", action=_Once, metavar="FILE")
@@ -81,13 +100,13 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench-model", help="whole-model benchmark: GRL-T/S/B inference and a training step")
     s.add_argument("--preset", action="append", help="GRL-T, GRL-S, GRL-B or a preset name (repeatable; default all)")
-    s.add_argument("--image-size", type=int, action="append", help="image side (repeatable; default 256 and 512)")
+    s.add_argument("--image-size", type=_POSITIVE, action="append", help="image side (repeatable; default 256 and 512)")
     s.add_argument("--task", action=_Once, help="task geometry of grl_kernels.models.TASK_GEOMETRIES (e.g. sr, denoise)")
     s.add_argument("--quick", action="store_true", help="GRL-T on a 32x32 image, 1 repetition (a smoke run)")
-    s.add_argument("--batch", action=_Once, type=int, default=1)
+    s.add_argument("--batch", action=_Once, type=_POSITIVE, default=1)
     s.add_argument("--device", action=_Once, choices=("cpu", "cuda"))
     s.add_argument("--dtype", action=_Once, choices=DTYPES[:3], default="float32", help="low precision runs under autocast")
-    s.add_argument("--reps", action=_Once, type=int, default=3)
+    s.add_argument("--reps", action=_Once, type=_POSITIVE, default=3)
     s.add_argument("--backend", action="append", metavar="NAME")
     s.add_argument("--no-train", action="store_true", help="inference only")
     s.add_argument("--json", action=_Once, metavar="FILE")

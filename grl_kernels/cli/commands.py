@@ -168,6 +168,8 @@ def _parse_size(s):
         h, w = (int(v) for v in s.lower().split("x"))
     except ValueError:
         raise ValueError(f"--size must look like 128x128, got {s!r}") from None
+    if h < 1 or w < 1:
+        raise ValueError(f"--size must be HxW with H >= 1 and W >= 1, got {s!r}")
     return h, w
 
 

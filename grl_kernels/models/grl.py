@@ -18,6 +18,7 @@ from ..backends.registry import _check_name
 from ..modules import AnchoredStripeAttention, WindowAttention
 from .layers import (
     CONV_TYPES,
+    check_anchor_projection,
     TransformerStage,
     Upsample,
     UpsampleOneStep,
@@ -101,6 +102,16 @@ class GRL(nn.Module):
         for name, v in (("num_heads_window", num_heads_window), ("num_heads_stripe", num_heads_stripe)):
             if len(v) != n:
                 raise ValueError(f"{name} must have one entry per stage ({n} = len(depths)), got {list(v)}")
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 2 or embed_dim % 2:
+            raise ValueError(f"embed_dim must be an even int >= 2 (split into window and stripe halves), got {embed_dim!r}")
+        for name, v in (("num_heads_window", num_heads_window), ("num_heads_stripe", num_heads_stripe)):
+            for i, h in enumerate(v):
+                if isinstance(h, bool) or not isinstance(h, int) or h < 1 or (embed_dim // 2) % h:
+                    raise ValueError(
+                        f"{name}[{i}] = {h!r} must be a positive int dividing embed_dim / 2 = {embed_dim // 2} "
+                        f"(the channels of each attention branch)"
+                    )
+        check_anchor_projection(anchor_proj_type, anchor_one_stage, anchor_window_down_factor)
         if upsampler == "nearest+conv" and upscale != 4:
             raise ValueError(f"upsampler 'nearest+conv' supports upscale 4 only, got {upscale}")
         stripe_size = [None if s is None else int(s) for s in stripe_size]
@@ -215,28 +226,15 @@ class GRL(nn.Module):
         return self
 
     def check_image_size(self, x: torch.Tensor) -> torch.Tensor:
-        """Reflect-pad height and width up to a multiple of ``pad_size``."""
+        """Pad height and width up to a multiple of ``pad_size`` as the published code does:
+        reflect, or zeros when the image is too small to reflect (pad >= size)."""
         _, _, h, w = x.size()
         ph = (self.pad_size - h % self.pad_size) % self.pad_size
         pw = (self.pad_size - w % self.pad_size) % self.pad_size
-        if (ph >= h or pw >= w) and (ph or pw):
-            # reflect padding needs pad < size; replicate the image until it is large enough
-            x = self._pad_small(x, ph, pw)
+        if not (ph or pw):
             return x
-        return F.pad(x, (0, pw, 0, ph), "reflect") if (ph or pw) else x
-
-    def _pad_small(self, x, ph, pw):
-        while ph or pw:
-            _, _, h, w = x.shape
-            sh, sw = min(ph, h - 1), min(pw, w - 1)
-            if sh == 0 and ph or sw == 0 and pw:
-                x = F.pad(x, (0, min(pw, 1) if sw == 0 else 0, 0, min(ph, 1) if sh == 0 else 0), "replicate")
-                ph -= min(ph, 1) if sh == 0 else 0
-                pw -= min(pw, 1) if sw == 0 else 0
-                continue
-            x = F.pad(x, (0, sw, 0, sh), "reflect")
-            ph, pw = ph - sh, pw - sw
-        return x
+        mode = "constant" if ph >= h or pw >= w else "reflect"
+        return F.pad(x, (0, pw, 0, ph), mode)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x_size = (x.shape[2], x.shape[3])
@@ -247,7 +245,17 @@ class GRL(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"input must be a (B, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+            raise ValueError(
+                f"input must be a (B, C, H, W) tensor, got "
+                f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"input must be a floating tensor (the model's parameters are {self.conv_first.weight.dtype}), got {x.dtype}")
+        if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(
+                f"input must have batch size B >= 1 and height and width >= 1, got shape {tuple(x.shape)}; "
+                "empty batches and zero-size images are refused"
+            )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the model expects in_channels = {self.in_channels}")
         H, W = x.shape[2:]

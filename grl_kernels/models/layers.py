@@ -126,20 +126,26 @@ class QKVProjection(nn.Module):
 
 
 class PatchMerging(nn.Module):
-    """2x2 space-to-depth, LayerNorm, Linear(4 C_in -> C_out, no bias), on (B, H, W, C)."""
+    """The published anchor PatchMerging: 2x2 space-to-depth then Linear(4 C_in -> C_out, no bias).
 
-    def __init__(self, in_dim, out_dim=None):
+    Unlike Swin's layer there is no LayerNorm: the only parameter is ``reduction.weight``.
+    Input and output (B, H, W, C); H and W must be even.
+    """
+
+    def __init__(self, in_dim, out_dim):
         super().__init__()
-        self.out_dim = out_dim or 2 * in_dim
-        self.norm = nn.LayerNorm(4 * in_dim)
-        self.reduction = nn.Linear(4 * in_dim, self.out_dim, bias=False)
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.reduction = nn.Linear(4 * in_dim, out_dim, bias=False)
 
     def forward(self, x):
+        if x.shape[1] % 2 or x.shape[2] % 2:
+            raise ValueError(f"patchmerging anchors need an even height and width, got {tuple(x.shape[1:3])}")
         x0 = x[:, 0::2, 0::2, :]
         x1 = x[:, 1::2, 0::2, :]
         x2 = x[:, 0::2, 1::2, :]
         x3 = x[:, 1::2, 1::2, :]
-        return self.reduction(self.norm(torch.cat([x0, x1, x2, x3], -1)))
+        return self.reduction(torch.cat([x0, x1, x2, x3], -1))
 
 
 class AnchorLinear(nn.Module):
@@ -164,19 +170,48 @@ class AnchorLinear(nn.Module):
 ANCHOR_PROJ_TYPES = ("avgpool", "maxpool", "conv2d", "separable_conv", "patchmerging")
 
 
+def check_anchor_projection(proj_type, one_stage, down_factor) -> None:
+    """Refuse the anchor configurations the published code cannot run (it crashes or gives
+    anchors of the wrong size; see docs/fidelity.md), each with the value it needs."""
+    if proj_type not in ANCHOR_PROJ_TYPES:
+        raise ValueError(f"anchor_proj_type must be one of {ANCHOR_PROJ_TYPES}, got {proj_type!r}")
+    if isinstance(down_factor, bool) or not isinstance(down_factor, int) or down_factor < 1:
+        raise ValueError(f"anchor_window_down_factor must be a positive int, got {down_factor!r}")
+    f = down_factor
+    if one_stage:
+        if proj_type == "patchmerging" and f != 2:
+            raise ValueError(
+                f"anchor_proj_type 'patchmerging' with anchor_one_stage=True is one 2x2 merge, so it needs "
+                f"anchor_window_down_factor 2, got {f} (use anchor_one_stage=False for f = 4, 8, ...)"
+            )
+        if proj_type in ("conv2d", "separable_conv") and f % 2:
+            raise ValueError(
+                f"anchor_proj_type {proj_type!r} with anchor_one_stage=True needs an even anchor_window_down_factor "
+                f"(its kernel f+1, stride f, padding (f+1)//2 gives H/f + 1 anchors for odd f), got {f}"
+            )
+    else:
+        if "pool" in proj_type:
+            raise ValueError(
+                f"anchor_proj_type {proj_type!r} needs anchor_one_stage=True (the published code has no "
+                f"multi-stage pooling), got anchor_one_stage={one_stage!r}"
+            )
+        if f < 2 or f & (f - 1):
+            raise ValueError(
+                f"anchor_one_stage=False needs a power-of-two anchor_window_down_factor >= 2 "
+                f"(log2(f) stride-2 stages), got {f}"
+            )
+
+
 class AnchorProjection(nn.Module):
     """x (B, L, C) -> anchors (B, H/f, W/f, C/2), in one stage or in log2(f) stride-2 stages."""
 
     def __init__(self, dim, proj_type, one_stage, down_factor, separable_conv_act=False):
         super().__init__()
-        if proj_type not in ANCHOR_PROJ_TYPES:
-            raise ValueError(f"anchor_proj_type must be one of {ANCHOR_PROJ_TYPES}, got {proj_type!r}")
+        check_anchor_projection(proj_type, one_stage, down_factor)
         self.proj_type = proj_type
         self.body = nn.ModuleList([])
-        if one_stage or "pool" in proj_type:
+        if one_stage:
             if proj_type == "patchmerging":
-                if down_factor != 2:
-                    raise ValueError("anchor_proj_type 'patchmerging' with anchor_one_stage=True needs anchor_window_down_factor 2")
                 m = PatchMerging(dim, dim // 2)
             elif proj_type == "conv2d":
                 k = down_factor + 1
@@ -187,10 +222,7 @@ class AnchorProjection(nn.Module):
                 m = AnchorLinear(dim, dim // 2, down_factor, proj_type)
             self.body.append(m)
         else:
-            steps = int(math.log2(down_factor))
-            if 2 ** steps != down_factor:
-                raise ValueError(f"anchor_one_stage=False needs a power-of-two anchor_window_down_factor, got {down_factor}")
-            for i in range(steps):
+            for i in range(int(math.log2(down_factor))):
                 cin = dim if i == 0 else dim // 2
                 if proj_type == "patchmerging":
                     m = PatchMerging(cin, dim // 2)
