@@ -8,7 +8,11 @@
 // Every float32 gradient buffer must be zero-initialized by the caller.
 #pragma once
 
+#if defined(GRL_CUDA_EMU)  // host build of the kernels (csrc/emu, docs/cuda.md)
+#include "grl_cuda_emu.h"
+#else
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 
 #include "grl_geometry.h"

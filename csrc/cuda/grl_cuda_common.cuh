@@ -1,12 +1,25 @@
 // grl_cuda_common.cuh -- dtype access, launch helpers and row norms shared by the .cu files.
 #pragma once
 
+#if defined(GRL_CUDA_EMU)
+#include "grl_cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include "grl_cuda.h"
 #include "grl_geometry.h"
+
+// Kernel launch, one spelling for both builds: GRL_LAUNCH(grid, block, smem, stream, kernel)(args...)
+// is kernel<<<grid, block, smem, stream>>>(args...) under nvcc and the emulated loop over blocks
+// and threads (grl::emu::launch) in the host build.
+#if defined(GRL_CUDA_EMU)
+#define GRL_LAUNCH(grid, block, smem, stream, ...) ::grl::emu::launch(grid, block, smem, stream, &__VA_ARGS__)
+#else
+#define GRL_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 namespace grl {
 namespace cuda {

@@ -371,11 +371,11 @@ void launch_norms(const StripeProblem& p, const StripeSaved& s, cudaStream_t st)
   const StripeGeom& g = p.g;
   const int64_t L = g.H * g.W;
   const T* q = static_cast<const T*>(p.qkv);
-  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+  GRL_LAUNCH(grid_for(p.B * L * p.nh), kThreads, 0, st, row_norms_kernel<T>)(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
                                                                       p.q_sc, 0, s.qn);
-  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+  GRL_LAUNCH(grid_for(p.B * L * p.nh), kThreads, 0, st, row_norms_kernel<T>)(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
                                                                       p.q_sc, p.C, s.kn);
-  row_norms_kernel<T><<<grid_for(p.B * g.Ha * g.Wa * p.nh), kThreads, 0, st>>>(
+  GRL_LAUNCH(grid_for(p.B * g.Ha * g.Wa * p.nh), kThreads, 0, st, row_norms_kernel<T>)(
       static_cast<const T*>(p.anchor), p.B, g.Ha * g.Wa, g.Wa, p.nh, p.d, p.a_sb, p.a_sh, p.a_sw, p.a_sc, 0, s.an);
 }
 
@@ -383,18 +383,18 @@ template <typename T, int MAXD>
 cudaError_t forward_impl(const StripeProblem& p, void* out, const StripeSaved& s, cudaStream_t st) {
   const int64_t tasks = p.B * p.g.num_windows * p.nh;
   launch_norms<T>(p, s, st);
-  stage1_forward<T, MAXD><<<grid_for(tasks * p.g.n2), kThreads, 0, st>>>(p, s);
-  stage2_forward<T, MAXD><<<grid_for(tasks * p.g.n1), kThreads, 0, st>>>(p, s, static_cast<T*>(out));
+  GRL_LAUNCH(grid_for(tasks * p.g.n2), kThreads, 0, st, stage1_forward<T, MAXD>)(p, s);
+  GRL_LAUNCH(grid_for(tasks * p.g.n1), kThreads, 0, st, stage2_forward<T, MAXD>)(p, s, static_cast<T*>(out));
   return cudaGetLastError();
 }
 
 template <typename T, int MAXD>
 cudaError_t backward_impl(const StripeProblem& p, const StripeSaved& s, const StripeGrads& gr, cudaStream_t st) {
   const int64_t tasks = p.B * p.g.num_windows * p.nh;
-  stage2_backward_tokens<T, MAXD><<<grid_for(tasks * p.g.n1), kThreads, 0, st>>>(p, s, gr);
-  stage2_backward_anchors<T, MAXD><<<grid_for(tasks * p.g.n2), kThreads, 0, st>>>(p, s, gr);
-  stage1_backward_tokens<T, MAXD><<<grid_for(tasks * p.g.n1), kThreads, 0, st>>>(p, s, gr);
-  stage1_backward_anchors<T, MAXD><<<grid_for(tasks * p.g.n2), kThreads, 0, st>>>(p, s, gr);
+  GRL_LAUNCH(grid_for(tasks * p.g.n1), kThreads, 0, st, stage2_backward_tokens<T, MAXD>)(p, s, gr);
+  GRL_LAUNCH(grid_for(tasks * p.g.n2), kThreads, 0, st, stage2_backward_anchors<T, MAXD>)(p, s, gr);
+  GRL_LAUNCH(grid_for(tasks * p.g.n1), kThreads, 0, st, stage1_backward_tokens<T, MAXD>)(p, s, gr);
+  GRL_LAUNCH(grid_for(tasks * p.g.n2), kThreads, 0, st, stage1_backward_anchors<T, MAXD>)(p, s, gr);
   return cudaGetLastError();
 }
 

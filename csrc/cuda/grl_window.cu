@@ -190,9 +190,9 @@ template <typename T>
 void launch_wnorms(const WindowProblem& p, const WindowSaved& s, cudaStream_t st) {
   const int64_t L = p.g.H * p.g.W;
   const T* q = static_cast<const T*>(p.qkv);
-  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+  GRL_LAUNCH(grid_for(p.B * L * p.nh), kThreads, 0, st, row_norms_kernel<T>)(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
                                                                       p.q_sc, 0, s.qn);
-  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+  GRL_LAUNCH(grid_for(p.B * L * p.nh), kThreads, 0, st, row_norms_kernel<T>)(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
                                                                       p.q_sc, p.C, s.kn);
 }
 
@@ -200,15 +200,15 @@ template <typename T, int MAXD>
 cudaError_t wforward_impl(const WindowProblem& p, void* out, const WindowSaved& s, cudaStream_t st) {
   launch_wnorms<T>(p, s, st);
   const int64_t rows = p.B * p.g.num_windows * p.nh * p.g.n;
-  window_forward_kernel<T, MAXD><<<grid_for(rows), kThreads, 0, st>>>(p, s, static_cast<T*>(out));
+  GRL_LAUNCH(grid_for(rows), kThreads, 0, st, window_forward_kernel<T, MAXD>)(p, s, static_cast<T*>(out));
   return cudaGetLastError();
 }
 
 template <typename T, int MAXD>
 cudaError_t wbackward_impl(const WindowProblem& p, const WindowSaved& s, const WindowGrads& gr, cudaStream_t st) {
   const int64_t rows = p.B * p.g.num_windows * p.nh * p.g.n;
-  window_backward_queries<T, MAXD><<<grid_for(rows), kThreads, 0, st>>>(p, s, gr);
-  window_backward_keys<T, MAXD><<<grid_for(rows), kThreads, 0, st>>>(p, s, gr);
+  GRL_LAUNCH(grid_for(rows), kThreads, 0, st, window_backward_queries<T, MAXD>)(p, s, gr);
+  GRL_LAUNCH(grid_for(rows), kThreads, 0, st, window_backward_keys<T, MAXD>)(p, s, gr);
   return cudaGetLastError();
 }
 

@@ -1,4 +1,5 @@
-"""Loader of the compiled extensions (CPU: ``_C_cpu``, CUDA: ``_C_cuda``).
+"""Loader of the compiled extensions (CPU: ``_C_cpu``, CUDA: ``_C_cuda``; ``_C_cuda_emu``: the
+CUDA kernels built for the host, JIT only, see docs/cuda.md).
 
 Order: the module built by ``pip install --no-build-isolation -e .`` (``grl_kernels._C_cpu``);
 if it is missing or stale, ONE just-in-time build per process with
@@ -70,7 +71,7 @@ def _jit(kind: str):
 
     if os.environ.get("GRL_KERNELS_NO_JIT", "0") == "1":
         raise ExtensionUnavailable("no prebuilt extension and GRL_KERNELS_NO_JIT=1")
-    sources = cfg.CPU_SOURCES if kind == "cpu" else cfg.CUDA_SOURCES
+    sources = {"cpu": cfg.CPU_SOURCES, "cuda": cfg.CUDA_SOURCES, "cuda_emu": cfg.CUDA_EMU_SOURCES}[kind]
     paths = [_ROOT / s for s in sources]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -92,12 +93,14 @@ def _jit(kind: str):
     kwargs = dict(
         name=f"grl_kernels_C_{kind}",
         sources=[str(p) for p in paths],
-        extra_include_paths=[str(_ROOT / d) for d in cfg.INCLUDE_DIRS],
+        extra_include_paths=[str(_ROOT / d) for d in (cfg.CUDA_EMU_INCLUDE_DIRS if kind == "cuda_emu" else cfg.INCLUDE_DIRS)],
         build_directory=str(build_dir),
         verbose=os.environ.get("GRL_KERNELS_VERBOSE_BUILD", "0") == "1",
     )
     if kind == "cpu":
         kwargs.update(extra_cflags=cfg.cpu_cflags(_ROOT), extra_ldflags=cfg.CPU_LDFLAGS)
+    elif kind == "cuda_emu":
+        kwargs.update(extra_cflags=cfg.cuda_emu_cflags(_ROOT), extra_ldflags=cfg.CUDA_EMU_LDFLAGS)
     else:
         kwargs.update(extra_cflags=cfg.cuda_cflags(_ROOT), extra_cuda_cflags=cfg.nvcc_flags())
     try:
@@ -112,13 +115,16 @@ def _jit(kind: str):
     return mod
 
 
+_NAMES = {"cpu": cfg.CPU_NAME, "cuda": cfg.CUDA_NAME, "cuda_emu": cfg.CUDA_EMU_NAME}
+
+
 def load(kind: str):
-    """The compiled module for ``kind`` ("cpu" or "cuda"); raises ExtensionUnavailable."""
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    """The compiled module for ``kind`` ("cpu", "cuda" or "cuda_emu"); raises ExtensionUnavailable."""
+    if kind not in _NAMES:
+        raise ValueError(f"kind must be one of {sorted(_NAMES)}, got {kind!r}")
     with _lock:
         if kind not in _cache:
-            name = cfg.CPU_NAME if kind == "cpu" else cfg.CUDA_NAME
+            name = _NAMES[kind]
             try:
                 _cache[kind] = _prebuilt(name) or _jit(kind)
             except ExtensionUnavailable as exc:
