@@ -89,6 +89,8 @@ StripeProblem stripe_problem(const at::Tensor& qkv, const at::Tensor& anchor, co
   check_f32(tau1, nh, "scale1", qkv); check_f32(tau2, nh, "scale2", qkv);
   check_f32(bias1, nh * p.g.table_rows, "bias1", qkv); check_f32(bias2, nh * p.g.table_rows, "bias2", qkv);
   p.dtype = dtype_code(qkv);
+  TORCH_CHECK(qkv.stride(2) == 1 && anchor.stride(3) == 1,
+              "grl cuda kernels: qkv and anchor need channel stride 1 (got ", qkv.stride(2), " and ", anchor.stride(3), ")");
   p.qkv = qkv.data_ptr(); p.q_sb = qkv.stride(0); p.q_sl = qkv.stride(1); p.q_sc = qkv.stride(2);
   p.anchor = anchor.data_ptr();
   p.a_sb = anchor.stride(0); p.a_sh = anchor.stride(1); p.a_sw = anchor.stride(2); p.a_sc = anchor.stride(3);
@@ -161,6 +163,7 @@ WindowProblem window_problem(const at::Tensor& qkv, const at::Tensor& tau, const
   check_f32(tau, nh, "scale", qkv);
   check_f32(bias, nh * p.g.table_rows, "bias", qkv);
   p.dtype = dtype_code(qkv);
+  TORCH_CHECK(qkv.stride(2) == 1, "grl cuda kernels: qkv needs channel stride 1 (got ", qkv.stride(2), ")");
   p.qkv = qkv.data_ptr(); p.q_sb = qkv.stride(0); p.q_sl = qkv.stride(1); p.q_sc = qkv.stride(2);
   p.tau = tau.data_ptr<float>(); p.bias = bias.data_ptr<float>();
   return p;

@@ -44,6 +44,7 @@ __device__ __forceinline__ void stf<__nv_bfloat16>(__nv_bfloat16* p, float v) { 
 
 constexpr int kThreads = 128;
 
+
 inline unsigned int grid_for(int64_t n) {
   int64_t b = (n + kThreads - 1) / kThreads;
   if (b < 1) b = 1;
@@ -62,7 +63,7 @@ __device__ __forceinline__ float inv_norm(float n) { return 1.0f / fmaxf(n, kNor
 
 // Load d elements (stride sc) scaled by `scale` into a register tile.
 template <typename T, int MAXD>
-__device__ __forceinline__ void load_row(const T* p, int64_t sc, int64_t d, float scale, float (&r)[MAXD]) {
+__device__ __forceinline__ void load_row(const T* p, int64_t sc, int d, float scale, float (&r)[MAXD]) {
 #pragma unroll
   for (int c = 0; c < MAXD; ++c) r[c] = (c < d) ? ldf(p + c * sc) * scale : 0.0f;
 }

@@ -44,6 +44,11 @@ def _too_wide(qkv, num_heads) -> bool:
     return True
 
 
+def unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows with channel stride 1 (any batch / token strides): copy otherwise."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def stripe(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2):
     _check("qkv", qkv)
     _check("anchor", anchor)
@@ -53,6 +58,7 @@ def stripe(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2):
         from ..reference import stripe_attention_reference
 
         return stripe_attention_reference(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2)
+    qkv, anchor = unit_channel_stride(qkv), unit_channel_stride(anchor)
     if qkv.device.type == "cpu":
         return emulated.stripe(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2)
     return ops.stripe(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2)
@@ -64,6 +70,7 @@ def window(qkv, geom, num_heads, scale, bias):
         from ..reference import window_attention_reference
 
         return window_attention_reference(qkv, geom, num_heads, scale, bias)
+    qkv = unit_channel_stride(qkv)
     if qkv.device.type == "cpu":
         return emulated.window(qkv, geom, num_heads, scale, bias)
     return ops.window(qkv, geom, num_heads, scale, bias)

@@ -58,10 +58,15 @@ def _bias(t):
     return t.t().to(torch.float32).contiguous()  # (R, nh) -> (nh, R); autograd maps the grads back
 
 
+def _unit(t):
+    return t if t.stride(-1) == 1 else t.contiguous()  # the kernels need channel stride 1
+
+
 def stripe(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2):
+    qkv, anchor = _unit(qkv), _unit(anchor)
     return _Stripe.apply(qkv, anchor, _tau(scale1), _bias(bias1), _tau(scale2), _bias(bias2),
                          stripe_params(geom), num_heads)
 
 
 def window(qkv, geom, num_heads, scale, bias):
-    return _Window.apply(qkv, _tau(scale), _bias(bias), window_params(geom), num_heads)
+    return _Window.apply(_unit(qkv), _tau(scale), _bias(bias), window_params(geom), num_heads)
