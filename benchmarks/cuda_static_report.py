@@ -30,13 +30,26 @@ _DTYPES = {"f": "float32", "6__half": "float16", "13__nv_bfloat16": "bfloat16"}
 
 
 def short_name(mangled: str) -> Dict:
-    """'_ZN...stage1_forwardI13__nv_bfloat16Li64EE...' -> kernel, dtype, maxd."""
-    m = re.search(r"(\d+)([A-Za-z_]\w*?)I(f|6__half|13__nv_bfloat16)(?:Li(\d+)E)?E", mangled)
-    if not m:
-        return {"kernel": mangled, "dtype": "", "maxd": None}
-    n, rest = int(m.group(1)), m.group(2)
-    name = rest[:n] if len(rest) >= n else rest
-    return {"kernel": name, "dtype": _DTYPES[m.group(3)], "maxd": int(m.group(4)) if m.group(4) else None}
+    """'_ZN3grl4cuda..._cu_...23stage1_backward_anchorsI13__nv_bfloat16Li64EEEv...' -> kernel, dtype, maxd."""
+    info = {"kernel": mangled, "dtype": "", "maxd": None}
+    if not mangled.startswith("_ZN"):
+        return info
+    i, names = 3, []
+    while i < len(mangled) and mangled[i].isdigit():  # nested name: <length><identifier>...
+        j = i
+        while mangled[j].isdigit():
+            j += 1
+        n = int(mangled[i:j])
+        names.append(mangled[j:j + n])
+        i = j + n
+    if names:
+        info["kernel"] = names[-1]
+    if i < len(mangled) and mangled[i] == "I":  # template arguments: element type, then MAXD
+        m = re.match(r"I(f|6__half|13__nv_bfloat16)(?:Li(\d+)E)?E", mangled[i:])
+        if m:
+            info["dtype"] = _DTYPES[m.group(1)]
+            info["maxd"] = int(m.group(2)) if m.group(2) else None
+    return info
 
 
 def parse_ptxas(text: str) -> List[Dict]:
@@ -89,7 +102,7 @@ def count_atomics(obj: Path, cuobjdump: Optional[str]) -> Optional[Dict[str, int
         if m:
             cur = m.group(1)
             counts[cur] = 0
-        elif cur and re.search(r"\b(RED|ATOM|ATOMG|ATOMS)\.", line):
+        elif cur and re.search(r"\b(RED|REDG|REDAS|ATOM|ATOMG|ATOMS)\.", line):
             counts[cur] += 1
     return counts
 
@@ -129,7 +142,7 @@ def _git_sources(rev: str, dest: Path) -> Path:
 
 
 def _key(e):
-    return (e["kernel"], e["dtype"], e["maxd"])
+    return (e["file"], e["kernel"], e["dtype"], e["maxd"])
 
 
 def markdown(rows: List[Dict], before: Optional[List[Dict]], arch: int, rev: Optional[str]) -> str:
@@ -138,8 +151,8 @@ def markdown(rows: List[Dict], before: Optional[List[Dict]], arch: int, rev: Opt
              "From `nvcc -Xptxas -v` (registers, stack frame, spill stores, static shared memory) and "
              "`cuobjdump -sass` (atomic instructions: RED/ATOM), 128 threads per block; occupancy is the "
              "theoretical one from registers. MAXD is the register-tile width (head dim <= 32 or <= 64).",
-             f"Produced by `python benchmarks/cuda_static_report.py --arch {arch}`"
-             + (f" --before {rev}`; 'before' = the sources of {rev}." if rev else "`."), ""]
+             f"Produced by `python benchmarks/cuda_static_report.py --arch {arch}"
+             + (f" --before {rev}`; (before) = the sources of {rev}." if rev else "`."), ""]
     head = "| kernel | dtype | MAXD | regs | stack B | spill B | shared B | atomics | occupancy |"
     if before:
         head = "| kernel | dtype | MAXD | regs (before) | stack B (before) | spill B (before) | shared B | atomics (before) | occupancy (before) |"
@@ -154,7 +167,7 @@ def markdown(rows: List[Dict], before: Optional[List[Dict]], arch: int, rev: Opt
             was = fmt.format(o[k]) if o[k] is not None else "-"
             return f"{now} ({was})"
 
-        lines.append(f"| {e['kernel']} | {e['dtype'] or '-'} | {e['maxd'] or '-'} | {pair('registers')} | "
+        lines.append(f"| {e['file']}: {e['kernel']} | {e['dtype'] or '-'} | {e['maxd'] or '-'} | {pair('registers')} | "
                      f"{pair('stack_bytes')} | {pair('spill_stores')} | {e['shared_bytes']} | {pair('atomics')} | "
                      f"{pair('occupancy', '{:.2f}')} |")
     fwd = [e for e in rows if "forward" in e["kernel"]]
