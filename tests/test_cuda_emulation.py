@@ -85,7 +85,7 @@ def test_kernels_under_asan_and_ubsan(tmp_path):
     cxx = _sanitizer_cxx()
     exe = tmp_path / "emu_selftest"
     inc = [f"-I{ROOT / d}" for d in build_config.CUDA_EMU_INCLUDE_DIRS]
-    cmd = [cxx, "-std=c++20", "-O1", "-g", "-DGRL_CUDA_EMU", "-fsanitize=address,undefined",
+    cmd = [cxx, "-std=c++20", "-O0", "-g1", "-DGRL_CUDA_EMU", "-fsanitize=address,undefined",
            "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-Wall", "-Wno-unknown-pragmas", *inc,
            str(ROOT / "csrc" / "emu" / "emu_selftest.cpp"), "-o", str(exe)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -1,6 +1,6 @@
 // emu_selftest.cpp -- the CUDA kernels, emulated on the host, on EXACTLY sized malloc'd buffers,
 // for AddressSanitizer / UBSan (no torch). tests/test_cuda_emulation.py builds it with
-//   g++ -std=c++20 -DGRL_CUDA_EMU -fsanitize=address,undefined -fno-sanitize-recover=all
+//   g++ -std=c++20 -O0 -g1 -DGRL_CUDA_EMU -fsanitize=address,undefined -fno-sanitize-recover=all
 //       -Icsrc/include -Icsrc/cuda -Icsrc/emu csrc/emu/emu_selftest.cpp
 // and runs it: any read or write outside a buffer (each buffer is its own allocation, so one
 // element past the end hits ASan's red zone), any signed overflow, misaligned or out-of-range
