@@ -1,10 +1,15 @@
 """Compile checks of the CUDA sources with this machine's nvcc (no GPU needed).
 
 Every CUDA translation unit (.cu) includes no torch header, so it compiles with the CUDA
-toolkit alone: ``nvcc -c -arch=sm_80`` and ``-arch=sm_90``. The torch binding
+toolkit alone: ``nvcc -c -arch=sm_80`` and ``-arch=sm_90``, with ``-Xptxas -v``, whose resource
+lines gate the kernels statically (benchmarks/cuda_static_report.py parses them and writes the
+committed report): no spills in any forward kernel nor in the backward kernels of head dim <= 32,
+no shared memory beyond the 48 KiB static limit, at most 4 atomic instructions per kernel in the
+SASS (cuobjdump, bundled with Triton). The torch binding
 (grl_cuda_binding.cpp) is checked against the installed (CPU) torch with the host
 compiler (syntax and types, no link). Skipped only when nvcc is missing.
 """
+import importlib.util
 import os
 import re
 import shutil
@@ -46,8 +51,11 @@ def nvcc_results(tmp_path_factory):
 
     def one(job):
         src, arch = job
-        cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++17", *INCLUDES, str(CUDA_DIR / src), "-o", str(out / f"{src}.{arch}.o")]
-        return job, subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        obj = out / f"{src}.{arch}.o"
+        cmd = [NVCC, "-c", f"-arch={arch}", "-std=c++17", "-Xptxas", "-v", *INCLUDES, str(CUDA_DIR / src), "-o", str(obj)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        res.obj = obj
+        return job, res
 
     jobs = [(s, a) for s in CU_FILES for a in ARCHS]
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -65,6 +73,46 @@ def test_nvcc_compiles(nvcc_results, src, arch):
     res = nvcc_results[(src, arch)]
     assert res.returncode == 0, res.stderr[-4000:]
     assert "warning" not in res.stderr.lower(), res.stderr[-4000:]
+
+
+def _report():
+    spec = importlib.util.spec_from_file_location("cuda_static_report", ROOT / "benchmarks" / "cuda_static_report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_static_resource_gates(nvcc_results, arch):
+    rep = _report()
+    kernels = []
+    for src in CU_FILES:
+        res = nvcc_results[(src, arch)]
+        assert res.returncode == 0, res.stderr[-2000:]
+        kernels += rep.parse_ptxas(res.stderr)
+    assert len(kernels) >= 20 and all(k["registers"] for k in kernels), kernels[:3]
+    fwd = [k for k in kernels if "forward" in k["kernel"]]
+    bwd = [k for k in kernels if "backward" in k["kernel"] and (k["maxd"] or 0) <= 32]
+    assert fwd and bwd
+    spilling = [(k["kernel"], k["dtype"], k["maxd"], k["spill_stores"]) for k in fwd + bwd if k["spill_stores"]]
+    assert not spilling, f"kernels that spill on {arch}: {spilling}"
+    assert all(k["shared_bytes"] <= 48 * 1024 for k in kernels)
+
+
+@pytest.mark.parametrize("arch", ["sm_90"])
+def test_static_atomic_count(nvcc_results, arch):
+    rep = _report()
+    cuobjdump = rep.find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton's bundled one)")
+    for src in CU_FILES:
+        counts = rep.count_atomics(nvcc_results[(src, arch)].obj, cuobjdump)
+        if counts is None:
+            pytest.skip(f"{cuobjdump} cannot read this nvcc's objects")
+        assert counts, src
+        worst = max(counts.items(), key=lambda kv: kv[1])
+        assert worst[1] <= 4, f"{rep.short_name(worst[0])} has {worst[1]} atomic instructions"
+        assert any(v > 0 for v in counts.values()), "no atomics found at all: the SASS pattern is stale"
 
 
 def test_cuda_units_include_no_torch():

@@ -1,14 +1,20 @@
 // grl_cuda.h -- host API of the CUDA kernels (no torch headers: the .cu files compile with
 // nothing but the CUDA toolkit; csrc/cuda/grl_cuda_binding.cpp wraps them for torch).
 //
-// Layouts (element strides, 64-bit): qkv (B, H*W, 3C) [q|k|v] head-major channels, any
-// strides; anchor (B, H/f, W/f, C) any strides; outputs and gradients of qkv/anchor are
+// Layouts (element strides, 64-bit): qkv (B, H*W, 3C) [q|k|v] head-major channels, any batch
+// and token strides, channel stride 1 (q_sc == 1: constant offsets inside a row keep the row
+// tiles in registers); anchor (B, H/f, W/f, C) any strides but channel stride 1 (a_sc == 1);
+// the binding checks it and the Python side copies the rare other layouts; outputs and gradients of qkv/anchor are
 // contiguous in the input dtype; everything else (tau (nh), bias tables TRANSPOSED to
 // (nh, R), saved state, workspaces, parameter gradients) is contiguous float32.
 // Every float32 gradient buffer must be zero-initialized by the caller.
 #pragma once
 
+#if defined(GRL_CUDA_EMU)  // host build of the kernels (csrc/emu, docs/cuda.md)
+#include "grl_cuda_emu.h"
+#else
 #include <cuda_runtime.h>
+#endif
 #include <stdint.h>
 
 #include "grl_geometry.h"

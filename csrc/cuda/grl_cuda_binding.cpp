@@ -10,8 +10,20 @@
 // Every function takes a trailing `stream` (torch.cuda.current_stream().cuda_stream) and is
 // called under the tensors' device (Python side): the file then needs no c10/cuda header and
 // compiles against a CPU build of torch plus the CUDA runtime headers (CI compile check).
+//
+// Built twice: for the GPU (`_C_cuda`, tensors on a CUDA device) and, with -DGRL_CUDA_EMU, for
+// the host (`_C_cuda_emu`: the same kernels through csrc/emu/grl_cuda_emu.h, CPU tensors; the
+// stream argument is ignored there). GRL_ON_DEVICE / GRL_DEVICE_NAME hide the difference.
 #include <torch/extension.h>
+#if defined(GRL_CUDA_EMU)
+#include "grl_cuda_emu.h"
+#define GRL_ON_DEVICE(t) ((t).device().is_cpu())
+#define GRL_DEVICE_NAME "CPU (emulated CUDA)"
+#else
 #include <cuda_runtime_api.h>
+#define GRL_ON_DEVICE(t) ((t).is_cuda())
+#define GRL_DEVICE_NAME "CUDA"
+#endif
 
 #include <vector>
 
@@ -38,7 +50,7 @@ int dtype_code(const at::Tensor& t) {
 }
 
 void check_f32(const at::Tensor& t, int64_t numel, const char* name, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+  TORCH_CHECK(GRL_ON_DEVICE(t) && t.device() == ref.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
                   t.numel() == numel,
               "grl cuda kernels: ", name, " must be a contiguous float32 tensor of ", numel, " elements on ",
               ref.device());
@@ -51,7 +63,7 @@ void check_ok(cudaError_t err, const char* what) {
 }
 
 void check_qkv(const at::Tensor& qkv, int64_t nh, int64_t H, int64_t W) {
-  TORCH_CHECK(qkv.is_cuda(), "grl cuda kernels: qkv must be a CUDA tensor");
+  TORCH_CHECK(GRL_ON_DEVICE(qkv), "grl cuda kernels: qkv must be a " GRL_DEVICE_NAME " tensor");
   TORCH_CHECK(qkv.dim() == 3 && qkv.size(1) == H * W && qkv.size(2) % 3 == 0, "grl cuda kernels: qkv must be (B, H*W, 3C)");
   const int64_t C = qkv.size(2) / 3;
   TORCH_CHECK(nh > 0 && C % nh == 0, "grl cuda kernels: C must be divisible by num_heads");
@@ -70,13 +82,15 @@ StripeProblem stripe_problem(const at::Tensor& qkv, const at::Tensor& anchor, co
                   p.g.sh % p.g.down == 0 && p.g.sw % p.g.down == 0,
               "grl cuda kernels: invalid stripe geometry");
   p.B = qkv.size(0); p.C = qkv.size(2) / 3; p.nh = nh; p.d = p.C / nh;
-  TORCH_CHECK(anchor.is_cuda() && anchor.device() == qkv.device() && anchor.scalar_type() == qkv.scalar_type() &&
+  TORCH_CHECK(GRL_ON_DEVICE(anchor) && anchor.device() == qkv.device() && anchor.scalar_type() == qkv.scalar_type() &&
                   anchor.dim() == 4 && anchor.size(0) == p.B && anchor.size(1) == p.g.Ha && anchor.size(2) == p.g.Wa &&
                   anchor.size(3) == p.C,
               "grl cuda kernels: anchor must be (B, H/f, W/f, C) on qkv's device with qkv's dtype");
   check_f32(tau1, nh, "scale1", qkv); check_f32(tau2, nh, "scale2", qkv);
   check_f32(bias1, nh * p.g.table_rows, "bias1", qkv); check_f32(bias2, nh * p.g.table_rows, "bias2", qkv);
   p.dtype = dtype_code(qkv);
+  TORCH_CHECK(qkv.stride(2) == 1 && anchor.stride(3) == 1,
+              "grl cuda kernels: qkv and anchor need channel stride 1 (got ", qkv.stride(2), " and ", anchor.stride(3), ")");
   p.qkv = qkv.data_ptr(); p.q_sb = qkv.stride(0); p.q_sl = qkv.stride(1); p.q_sc = qkv.stride(2);
   p.anchor = anchor.data_ptr();
   p.a_sb = anchor.stride(0); p.a_sh = anchor.stride(1); p.a_sw = anchor.stride(2); p.a_sc = anchor.stride(3);
@@ -149,6 +163,7 @@ WindowProblem window_problem(const at::Tensor& qkv, const at::Tensor& tau, const
   check_f32(tau, nh, "scale", qkv);
   check_f32(bias, nh * p.g.table_rows, "bias", qkv);
   p.dtype = dtype_code(qkv);
+  TORCH_CHECK(qkv.stride(2) == 1, "grl cuda kernels: qkv needs channel stride 1 (got ", qkv.stride(2), ")");
   p.qkv = qkv.data_ptr(); p.q_sb = qkv.stride(0); p.q_sl = qkv.stride(1); p.q_sc = qkv.stride(2);
   p.tau = tau.data_ptr<float>(); p.bias = bias.data_ptr<float>();
   return p;
@@ -193,8 +208,45 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Te
 
 }  // namespace
 
+#if defined(GRL_CUDA_EMU)
+// The emulation's 16-bit conversions, for the tests (compared with torch's on every half value
+// and on the rounding boundaries): float32 tensor -> int32 tensor of the 16-bit patterns.
+at::Tensor emu_round_bits(const at::Tensor& x, bool bf16) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "x must be a float32 CPU tensor");
+  auto xc = x.contiguous();
+  auto out = at::empty(xc.sizes(), xc.options().dtype(at::kInt));
+  const float* src = xc.data_ptr<float>();
+  int32_t* dst = out.data_ptr<int32_t>();
+  for (int64_t i = 0; i < xc.numel(); ++i)
+    dst[i] = bf16 ? __float2bfloat16(src[i]).x : __float2half(src[i]).x;
+  return out;
+}
+
+// 16-bit patterns (int32 tensor) -> float32 through the emulation's widening conversions.
+at::Tensor emu_widen_bits(const at::Tensor& bits, bool bf16) {
+  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == at::kInt, "bits must be an int32 CPU tensor");
+  auto bc = bits.contiguous();
+  auto out = at::empty(bc.sizes(), bc.options().dtype(at::kFloat));
+  const int32_t* src = bc.data_ptr<int32_t>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < bc.numel(); ++i) {
+    const uint16_t b = static_cast<uint16_t>(src[i]);
+    dst[i] = bf16 ? __bfloat162float(__nv_bfloat16{b}) : __half2float(__half{b});
+  }
+  return out;
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#if defined(GRL_CUDA_EMU)
+  m.doc() = "grl_kernels CUDA kernels emulated on the CPU (csrc/emu/grl_cuda_emu.h)";
+  m.attr("emulated") = true;
+  m.def("emu_round_bits", &emu_round_bits, "float32 -> 16-bit patterns (bf16=True: bfloat16, else float16)");
+  m.def("emu_widen_bits", &emu_widen_bits, "16-bit patterns -> float32");
+#else
   m.doc() = "grl_kernels CUDA kernels (anchored stripe and window attention)";
+  m.attr("emulated") = false;
+#endif
   m.attr("abi_version") = GRL_ABI_VERSION;
   m.attr("source_hash") = static_cast<int64_t>(GRL_SOURCE_HASH);
   m.def("stripe_forward", &stripe_forward, "stripe attention forward -> [out, *state]");

@@ -1,12 +1,25 @@
 // grl_cuda_common.cuh -- dtype access, launch helpers and row norms shared by the .cu files.
 #pragma once
 
+#if defined(GRL_CUDA_EMU)
+#include "grl_cuda_emu.h"
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#endif
 
 #include "grl_cuda.h"
 #include "grl_geometry.h"
+
+// Kernel launch, one spelling for both builds: GRL_LAUNCH(grid, block, smem, stream, kernel)(args...)
+// is kernel<<<grid, block, smem, stream>>>(args...) under nvcc and the emulated loop over blocks
+// and threads (grl::emu::launch) in the host build.
+#if defined(GRL_CUDA_EMU)
+#define GRL_LAUNCH(grid, block, smem, stream, ...) ::grl::emu::launch(grid, block, smem, stream, &__VA_ARGS__)
+#else
+#define GRL_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#endif
 
 namespace grl {
 namespace cuda {
@@ -31,6 +44,7 @@ __device__ __forceinline__ void stf<__nv_bfloat16>(__nv_bfloat16* p, float v) { 
 
 constexpr int kThreads = 128;
 
+
 inline unsigned int grid_for(int64_t n) {
   int64_t b = (n + kThreads - 1) / kThreads;
   if (b < 1) b = 1;
@@ -49,7 +63,7 @@ __device__ __forceinline__ float inv_norm(float n) { return 1.0f / fmaxf(n, kNor
 
 // Load d elements (stride sc) scaled by `scale` into a register tile.
 template <typename T, int MAXD>
-__device__ __forceinline__ void load_row(const T* p, int64_t sc, int64_t d, float scale, float (&r)[MAXD]) {
+__device__ __forceinline__ void load_row(const T* p, int64_t sc, int d, float scale, float (&r)[MAXD]) {
 #pragma unroll
   for (int c = 0; c < MAXD; ++c) r[c] = (c < d) ? ldf(p + c * sc) * scale : 0.0f;
 }

@@ -10,7 +10,9 @@
 //   s1_tok: dk, dv, dtau1, dbias1         s1_anc: stage-1 part of d a_hat, then d anchor
 // Thread rows own their outputs (no atomics) except the per-head dtau / dbias reductions.
 // Inputs are read in place through 64-bit element strides; rows live in register tiles of
-// MAXD floats. Index math (partition, shift, relative index, region ids) is grl_geometry.h.
+// MAXD floats. Index math (partition, shift, relative index, region ids) is grl_geometry.h;
+// the loops over a window's tokens / anchors walk them with stripe_walk_tokens / _anchors
+// (counters, no division per token) and relative indices as own offset - walked offset + const.
 #include "grl_cuda_common.cuh"
 
 namespace grl {
@@ -29,57 +31,74 @@ __device__ __forceinline__ Task split_task(int64_t task, int64_t nh, int64_t nw)
   return t;
 }
 
+// Per-thread view of one (batch, window, head): base pointers so that rows are
+// q + pos * sl (+ kv for k, + 2 kv for v) and anc + row * a_sh + col * a_sw; norms likewise.
+// The loops take positions from stripe_walk_tokens / stripe_walk_anchors (no division).
 template <typename T>
-__device__ __forceinline__ const T* token_ptr(const StripeProblem& p, int64_t b, int64_t pos, int part, int64_t h) {
-  return static_cast<const T*>(p.qkv) + b * p.q_sb + pos * p.q_sl + (part * p.C + h * p.d) * p.q_sc;
-}
+struct SView {
+  const T* q;   // qkv + b * q_sb + h * d * q_sc
+  const T* a;   // anchor + b * a_sb + h * d * a_sc
+  const float *qn, *kn, *an;  // + b * (L or Ha*Wa) * nh + h
+  int64_t kv;   // C * q_sc
+};
 
 template <typename T>
-__device__ __forceinline__ const T* anchor_ptr(const StripeProblem& p, int64_t b, int64_t apos, int64_t h) {
-  return static_cast<const T*>(p.anchor) + b * p.a_sb + (apos / p.g.Wa) * p.a_sh + (apos % p.g.Wa) * p.a_sw +
-         h * p.d * p.a_sc;
+__device__ __forceinline__ SView<T> sview(const StripeProblem& p, const StripeSaved& s, int64_t b, int64_t h) {
+  const StripeGeom& g = p.g;
+  const int64_t L = g.H * g.W, A = g.Ha * g.Wa;
+  return SView<T>{static_cast<const T*>(p.qkv) + b * p.q_sb + h * p.d * p.q_sc,
+                  static_cast<const T*>(p.anchor) + b * p.a_sb + h * p.d * p.a_sc,
+                  s.qn + b * L * p.nh + h, s.kn + b * L * p.nh + h, s.an + b * A * p.nh + h, p.C * p.q_sc};
 }
 
 __device__ __forceinline__ float mask_of(const StripeGeom& g, int aid, int tid) {
   return (g.shifted && aid != tid) ? kMaskValue : 0.0f;
 }
 
+// Own row of an anchor thread: (row, col) on the anchor grid (one division per row).
+__device__ __forceinline__ void anchor_rc(const StripeGeom& g, int64_t apos, int64_t& row, int64_t& col) {
+  row = apos / g.Wa;
+  col = apos - row * g.Wa;
+}
+
 // ---- forward ---------------------------------------------------------------
 template <typename T, int MAXD>
 __global__ void stage1_forward(StripeProblem p, StripeSaved s) {
   const StripeGeom g = p.g;
-  const int64_t total = p.B * g.num_windows * p.nh * g.n2, L = g.H * g.W, d = p.d;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n2;
+  const int d = static_cast<int>(p.d);  // 32-bit: cheap c < d tile predicates (no spills at d = 64)
   for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
     const int64_t i = idx % g.n2, task = idx / g.n2;
     const Task t = split_task(task, p.nh, g.num_windows);
+    const SView<T> w = sview<T>(p, s, t.b, t.h);
     const int64_t apos = stripe_anchor_position(g, t.win, i);
+    int64_t ar, ac;
+    anchor_rc(g, apos, ar, ac);
     float a[MAXD], z[MAXD];
-    load_row<T, MAXD>(anchor_ptr<T>(p, t.b, apos, t.h), p.a_sc, d,
-                      inv_norm(s.an[(t.b * g.Ha * g.Wa + apos) * p.nh + t.h]), a);
+    load_row<T, MAXD>(w.a + ar * p.a_sh + ac * p.a_sw, 1, d, inv_norm(w.an[apos * p.nh]), a);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) z[c] = 0.0f;
     const int aid = g.shifted ? stripe_anchor_region(g, t.win, i) : 0;
     const float tau = p.tau1[t.h];
-    const float* bias = p.bias1 + t.h * g.table_rows;
+    // a2w(i, j) = aoff(i) - toff(j) + base
+    const float* bias = p.bias1 + t.h * g.table_rows + stripe_anchor_offset(g, i) + stripe_a2w_base(g);
     float m = -INFINITY, l = 0.0f;
-    for (int64_t j = 0; j < g.n1; ++j) {
-      const int64_t pos = stripe_token_position(g, t.win, j);
-      const T* kp = token_ptr<T>(p, t.b, pos, 1, t.h);
-      const T* vp = token_ptr<T>(p, t.b, pos, 2, t.h);
+    stripe_walk_tokens(g, t.win, [&](int64_t, int64_t pos, int tid, int64_t toff) {
+      const T* kp = w.q + pos * p.q_sl + w.kv;
+      const T* vp = kp + w.kv;
       float cs = 0.0f;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < d) cs += a[c] * ldf(kp + c * p.q_sc);
-      cs *= inv_norm(s.kn[(t.b * L + pos) * p.nh + t.h]);
-      const int tid = g.shifted ? stripe_token_region(g, t.win, j) : 0;
-      const float v = tau * cs + bias[stripe_a2w_index(g, i, j)] + mask_of(g, aid, tid);
+        if (c < d) cs += a[c] * ldf(kp + c);
+      cs *= inv_norm(w.kn[pos * p.nh]);
+      const float v = tau * cs + bias[-toff] + mask_of(g, aid, tid);
       const float mn = fmaxf(m, v), corr = expf(m - mn), pj = expf(v - mn);
       l = l * corr + pj;
       m = mn;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < d) z[c] = z[c] * corr + pj * ldf(vp + c * p.q_sc);
-    }
+        if (c < d) z[c] = z[c] * corr + pj * ldf(vp + c);
+    });
     float* zo = s.z + idx * d;
     const float inv = 1.0f / l;
 #pragma unroll
@@ -92,30 +111,31 @@ __global__ void stage1_forward(StripeProblem p, StripeSaved s) {
 template <typename T, int MAXD>
 __global__ void stage2_forward(StripeProblem p, StripeSaved s, T* out) {
   const StripeGeom g = p.g;
-  const int64_t total = p.B * g.num_windows * p.nh * g.n1, L = g.H * g.W, d = p.d;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n1, L = g.H * g.W;
+  const int d = static_cast<int>(p.d);  // 32-bit: cheap c < d tile predicates (no spills at d = 64)
   for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
     const int64_t j = idx % g.n1, task = idx / g.n1;
     const Task t = split_task(task, p.nh, g.num_windows);
+    const SView<T> w = sview<T>(p, s, t.b, t.h);
     const int64_t pos = stripe_token_position(g, t.win, j);
     float q[MAXD], y[MAXD];
-    load_row<T, MAXD>(token_ptr<T>(p, t.b, pos, 0, t.h), p.q_sc, d, inv_norm(s.qn[(t.b * L + pos) * p.nh + t.h]), q);
+    load_row<T, MAXD>(w.q + pos * p.q_sl, 1, d, inv_norm(w.qn[pos * p.nh]), q);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) y[c] = 0.0f;
     const int tid = g.shifted ? stripe_token_region(g, t.win, j) : 0;
     const float tau = p.tau2[t.h];
-    const float* bias = p.bias2 + t.h * g.table_rows;
+    // w2a(j, i) = toff(j) - aoff(i) + base
+    const float* bias = p.bias2 + t.h * g.table_rows + stripe_token_offset(g, j) + stripe_w2a_base(g);
     const float* zt = s.z + task * g.n2 * d;
     float m = -INFINITY, l = 0.0f;
-    for (int64_t i = 0; i < g.n2; ++i) {
-      const int64_t apos = stripe_anchor_position(g, t.win, i);
-      const T* ap = anchor_ptr<T>(p, t.b, apos, t.h);
+    stripe_walk_anchors(g, t.win, [&](int64_t i, int64_t ar, int64_t ac, int aid, int64_t aoff) {
+      const T* ap = w.a + ar * p.a_sh + ac * p.a_sw;
       float cs = 0.0f;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < d) cs += q[c] * ldf(ap + c * p.a_sc);
-      cs *= inv_norm(s.an[(t.b * g.Ha * g.Wa + apos) * p.nh + t.h]);
-      const int aid = g.shifted ? stripe_anchor_region(g, t.win, i) : 0;
-      const float v = tau * cs + bias[stripe_w2a_index(g, j, i)] + mask_of(g, aid, tid);
+        if (c < d) cs += q[c] * ldf(ap + c);
+      cs *= inv_norm(w.an[(ar * g.Wa + ac) * p.nh]);
+      const float v = tau * cs + bias[-aoff] + mask_of(g, aid, tid);
       const float mn = fmaxf(m, v), corr = expf(m - mn), pi = expf(v - mn);
       l = l * corr + pi;
       m = mn;
@@ -123,7 +143,7 @@ __global__ void stage2_forward(StripeProblem p, StripeSaved s, T* out) {
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) y[c] = y[c] * corr + pi * zr[c];
-    }
+    });
     T* op = out + (t.b * L + pos) * p.C + t.h * d;
     const float inv = 1.0f / l;
 #pragma unroll
@@ -134,67 +154,56 @@ __global__ void stage2_forward(StripeProblem p, StripeSaved s, T* out) {
 }
 
 // ---- backward ----------------------------------------------------------------
-// Stage-2 logit of (token j, anchor i) given q_hat in registers.
-template <typename T, int MAXD>
-__device__ __forceinline__ float stage2_logit(const StripeProblem& p, const StripeSaved& s, const Task& t, int64_t j,
-                                              int64_t i, int tid, const float (&q)[MAXD], float* cos_out) {
-  const StripeGeom& g = p.g;
-  const int64_t apos = stripe_anchor_position(g, t.win, i);
-  const T* ap = anchor_ptr<T>(p, t.b, apos, t.h);
-  float cs = 0.0f;
-#pragma unroll
-  for (int c = 0; c < MAXD; ++c)
-    if (c < p.d) cs += q[c] * ldf(ap + c * p.a_sc);
-  cs *= inv_norm(s.an[(t.b * g.Ha * g.Wa + apos) * p.nh + t.h]);
-  *cos_out = cs;
-  const int aid = g.shifted ? stripe_anchor_region(g, t.win, i) : 0;
-  return p.tau2[t.h] * cs + p.bias2[t.h * g.table_rows + stripe_w2a_index(g, j, i)] + mask_of(g, aid, tid);
-}
-
 template <typename T, int MAXD>
 __global__ void stage2_backward_tokens(StripeProblem p, StripeSaved s, StripeGrads gr) {
   const StripeGeom g = p.g;
-  const int64_t total = p.B * g.num_windows * p.nh * g.n1, L = g.H * g.W, d = p.d;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n1, L = g.H * g.W;
+  const int d = static_cast<int>(p.d);  // 32-bit: cheap c < d tile predicates (no spills at d = 64)
   for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
     const int64_t j = idx % g.n1, task = idx / g.n1;
     const Task t = split_task(task, p.nh, g.num_windows);
+    const SView<T> w = sview<T>(p, s, t.b, t.h);
     const int64_t pos = stripe_token_position(g, t.win, j);
-    const float qn = s.qn[(t.b * L + pos) * p.nh + t.h];
+    const float qn = w.qn[pos * p.nh];
     float q[MAXD], dy[MAXD], dq[MAXD];
-    load_row<T, MAXD>(token_ptr<T>(p, t.b, pos, 0, t.h), p.q_sc, d, inv_norm(qn), q);
+    load_row<T, MAXD>(w.q + pos * p.q_sl, 1, d, inv_norm(qn), q);
     load_row<T, MAXD>(static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d, 1, d, 1.0f, dy);
-    const int tid = g.shifted ? stripe_token_region(g, t.win, j) : 0;
-    const float lse = s.lse2[idx], tau = p.tau2[t.h];
-    const float* zt = s.z + task * g.n2 * d;
-    float D = 0.0f;
-    for (int64_t i = 0; i < g.n2; ++i) {
-      float cs;
-      const float pi = expf(stage2_logit<T, MAXD>(p, s, t, j, i, tid, q, &cs) - lse);
-      float dp = 0.0f;
-#pragma unroll
-      for (int c = 0; c < MAXD; ++c)
-        if (c < d) dp += dy[c] * zt[i * d + c];
-      D += pi * dp;
-    }
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dq[c] = 0.0f;
-    float dt = 0.0f;
-    for (int64_t i = 0; i < g.n2; ++i) {
-      float cs;
-      const float pi = expf(stage2_logit<T, MAXD>(p, s, t, j, i, tid, q, &cs) - lse);
-      float dp = 0.0f;
+    const int tid = g.shifted ? stripe_token_region(g, t.win, j) : 0;
+    const float lse = s.lse2[idx], tau = p.tau2[t.h];
+    const int64_t rbase = t.h * g.table_rows + stripe_token_offset(g, j) + stripe_w2a_base(g);
+    const float* bias = p.bias2 + rbase;
+    float* dbias = gr.dbias2 + rbase;
+    const float* zt = s.z + task * g.n2 * d;
+    float D = 0.0f, dt = 0.0f;
+    // pass 0: D = sum_i P dP; pass 1: dS = P (dP - D) -> dq, dtau, dbias
+    for (int pass = 0; pass < 2; ++pass) {
+      stripe_walk_anchors(g, t.win, [&](int64_t i, int64_t ar, int64_t ac, int aid, int64_t aoff) {
+        const T* ap = w.a + ar * p.a_sh + ac * p.a_sw;
+        const float ia = inv_norm(w.an[(ar * g.Wa + ac) * p.nh]);
+        const float* zr = zt + i * d;
+        float cs = 0.0f, dp = 0.0f;
 #pragma unroll
-      for (int c = 0; c < MAXD; ++c)
-        if (c < d) dp += dy[c] * zt[i * d + c];
-      const float ds = pi * (dp - D);
-      dt += ds * cs;
-      atomicAdd(gr.dbias2 + t.h * g.table_rows + stripe_w2a_index(g, j, i), ds);
-      const int64_t apos = stripe_anchor_position(g, t.win, i);
-      const T* ap = anchor_ptr<T>(p, t.b, apos, t.h);
-      const float w = tau * ds * inv_norm(s.an[(t.b * g.Ha * g.Wa + apos) * p.nh + t.h]);
+        for (int c = 0; c < MAXD; ++c)
+          if (c < d) {
+            cs += q[c] * ldf(ap + c);
+            dp += dy[c] * zr[c];
+          }
+        cs *= ia;
+        const float pi = expf(tau * cs + bias[-aoff] + mask_of(g, aid, tid) - lse);
+        if (pass == 0) {
+          D += pi * dp;
+        } else {
+          const float ds = pi * (dp - D);
+          dt += ds * cs;
+          atomicAdd(dbias - aoff, ds);
+          const float wt = tau * ds * ia;
 #pragma unroll
-      for (int c = 0; c < MAXD; ++c)
-        if (c < d) dq[c] += w * ldf(ap + c * p.a_sc);
+          for (int c = 0; c < MAXD; ++c)
+            if (c < d) dq[c] += wt * ldf(ap + c);
+        }
+      });
     }
     gr.d2[idx] = D;
     atomicAdd(gr.dtau2 + t.h, dt);
@@ -209,45 +218,48 @@ __global__ void stage2_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
 template <typename T, int MAXD>
 __global__ void stage2_backward_anchors(StripeProblem p, StripeSaved s, StripeGrads gr) {
   const StripeGeom g = p.g;
-  const int64_t total = p.B * g.num_windows * p.nh * g.n2, L = g.H * g.W, d = p.d;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n2, L = g.H * g.W;
+  const int d = static_cast<int>(p.d);  // 32-bit: cheap c < d tile predicates (no spills at d = 64)
   for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
     const int64_t i = idx % g.n2, task = idx / g.n2;
     const Task t = split_task(task, p.nh, g.num_windows);
+    const SView<T> w = sview<T>(p, s, t.b, t.h);
     const int64_t apos = stripe_anchor_position(g, t.win, i);
+    int64_t ar, ac;
+    anchor_rc(g, apos, ar, ac);
     float a[MAXD], dz[MAXD], da[MAXD];
-    load_row<T, MAXD>(anchor_ptr<T>(p, t.b, apos, t.h), p.a_sc, d,
-                      inv_norm(s.an[(t.b * g.Ha * g.Wa + apos) * p.nh + t.h]), a);
+    load_row<T, MAXD>(w.a + ar * p.a_sh + ac * p.a_sw, 1, d, inv_norm(w.an[apos * p.nh]), a);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dz[c] = 0.0f, da[c] = 0.0f;
     const int aid = g.shifted ? stripe_anchor_region(g, t.win, i) : 0;
     const float tau = p.tau2[t.h];
-    const float* bias = p.bias2 + t.h * g.table_rows;
+    // w2a(j, i) = toff(j) - aoff(i) + base: walks with j
+    const float* bias = p.bias2 + t.h * g.table_rows - stripe_anchor_offset(g, i) + stripe_w2a_base(g);
     const float* zr = s.z + idx * d;
-    for (int64_t j = 0; j < g.n1; ++j) {
-      const int64_t pos = stripe_token_position(g, t.win, j);
-      const T* qp = token_ptr<T>(p, t.b, pos, 0, t.h);
-      const T* gp = static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d;
-      const float iq = inv_norm(s.qn[(t.b * L + pos) * p.nh + t.h]);
+    const T* gbase = static_cast<const T*>(gr.gout) + t.b * L * p.C + t.h * d;
+    const float* lse2 = s.lse2 + task * g.n1;
+    const float* d2 = gr.d2 + task * g.n1;
+    stripe_walk_tokens(g, t.win, [&](int64_t j, int64_t pos, int tid, int64_t toff) {
+      const T* qp = w.q + pos * p.q_sl;
+      const T* gp = gbase + pos * p.C;
+      const float iq = inv_norm(w.qn[pos * p.nh]);
       float cs = 0.0f, dp = 0.0f;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          cs += a[c] * ldf(qp + c * p.q_sc);
+          cs += a[c] * ldf(qp + c);
           dp += ldf(gp + c) * zr[c];
         }
       cs *= iq;
-      const int tid = g.shifted ? stripe_token_region(g, t.win, j) : 0;
-      const float v = tau * cs + bias[stripe_w2a_index(g, j, i)] + mask_of(g, aid, tid);
-      const int64_t row = task * g.n1 + j;
-      const float pj = expf(v - s.lse2[row]);
-      const float w = tau * pj * (dp - gr.d2[row]) * iq;
+      const float pj = expf(tau * cs + bias[toff] + mask_of(g, aid, tid) - lse2[j]);
+      const float wt = tau * pj * (dp - d2[j]) * iq;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
           dz[c] += pj * ldf(gp + c);
-          da[c] += w * ldf(qp + c * p.q_sc);
+          da[c] += wt * ldf(qp + c);
         }
-    }
+    });
     float D1 = 0.0f;
 #pragma unroll
     for (int c = 0; c < MAXD; ++c)
@@ -263,50 +275,53 @@ __global__ void stage2_backward_anchors(StripeProblem p, StripeSaved s, StripeGr
 template <typename T, int MAXD>
 __global__ void stage1_backward_tokens(StripeProblem p, StripeSaved s, StripeGrads gr) {
   const StripeGeom g = p.g;
-  const int64_t total = p.B * g.num_windows * p.nh * g.n1, L = g.H * g.W, d = p.d;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n1, L = g.H * g.W;
+  const int d = static_cast<int>(p.d);  // 32-bit: cheap c < d tile predicates (no spills at d = 64)
   for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
     const int64_t j = idx % g.n1, task = idx / g.n1;
     const Task t = split_task(task, p.nh, g.num_windows);
+    const SView<T> w = sview<T>(p, s, t.b, t.h);
     const int64_t pos = stripe_token_position(g, t.win, j);
-    const float kn = s.kn[(t.b * L + pos) * p.nh + t.h];
+    const float kn = w.kn[pos * p.nh];
     float k[MAXD], dk[MAXD], dv[MAXD];
-    load_row<T, MAXD>(token_ptr<T>(p, t.b, pos, 1, t.h), p.q_sc, d, inv_norm(kn), k);
-    const T* vp = token_ptr<T>(p, t.b, pos, 2, t.h);
+    load_row<T, MAXD>(w.q + pos * p.q_sl + w.kv, 1, d, inv_norm(kn), k);
+    const T* vp = w.q + pos * p.q_sl + 2 * w.kv;
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dk[c] = 0.0f, dv[c] = 0.0f;
     const int tid = g.shifted ? stripe_token_region(g, t.win, j) : 0;
     const float tau = p.tau1[t.h];
-    const float* bias = p.bias1 + t.h * g.table_rows;
+    // a2w(i, j) = aoff(i) - toff(j) + base: walks with i
+    const int64_t rbase = t.h * g.table_rows - stripe_token_offset(g, j) + stripe_a2w_base(g);
+    const float* bias = p.bias1 + rbase;
+    float* dbias = gr.dbias1 + rbase;
+    const float* lse1 = s.lse1 + task * g.n2;
+    const float* d1 = gr.d1 + task * g.n2;
+    const float* dzt = gr.dz + task * g.n2 * d;
     float dt = 0.0f;
-    for (int64_t i = 0; i < g.n2; ++i) {
-      const int64_t apos = stripe_anchor_position(g, t.win, i);
-      const T* ap = anchor_ptr<T>(p, t.b, apos, t.h);
-      const float ia = inv_norm(s.an[(t.b * g.Ha * g.Wa + apos) * p.nh + t.h]);
-      const int64_t row = task * g.n2 + i;
-      const float* dzr = gr.dz + row * d;
+    stripe_walk_anchors(g, t.win, [&](int64_t i, int64_t ar, int64_t ac, int aid, int64_t aoff) {
+      const T* ap = w.a + ar * p.a_sh + ac * p.a_sw;
+      const float ia = inv_norm(w.an[(ar * g.Wa + ac) * p.nh]);
+      const float* dzr = dzt + i * d;
       float cs = 0.0f, dp = 0.0f;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          cs += k[c] * ldf(ap + c * p.a_sc);
-          dp += dzr[c] * ldf(vp + c * p.q_sc);
+          cs += k[c] * ldf(ap + c);
+          dp += dzr[c] * ldf(vp + c);
         }
       cs *= ia;
-      const int aid = g.shifted ? stripe_anchor_region(g, t.win, i) : 0;
-      const int64_t r = stripe_a2w_index(g, i, j);
-      const float v = tau * cs + bias[r] + mask_of(g, aid, tid);
-      const float pi = expf(v - s.lse1[row]);
-      const float ds = pi * (dp - gr.d1[row]);
+      const float pi = expf(tau * cs + bias[aoff] + mask_of(g, aid, tid) - lse1[i]);
+      const float ds = pi * (dp - d1[i]);
       dt += ds * cs;
-      atomicAdd(gr.dbias1 + t.h * g.table_rows + r, ds);
-      const float w = tau * ds * ia;
+      atomicAdd(dbias + aoff, ds);
+      const float wt = tau * ds * ia;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
           dv[c] += pi * dzr[c];
-          dk[c] += w * ldf(ap + c * p.a_sc);
+          dk[c] += wt * ldf(ap + c);
         }
-    }
+    });
     atomicAdd(gr.dtau1 + t.h, dt);
     normalize_backward(dk, k, kn);
     T* gk = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + p.C + t.h * d;
@@ -322,41 +337,42 @@ __global__ void stage1_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
 template <typename T, int MAXD>
 __global__ void stage1_backward_anchors(StripeProblem p, StripeSaved s, StripeGrads gr) {
   const StripeGeom g = p.g;
-  const int64_t total = p.B * g.num_windows * p.nh * g.n2, L = g.H * g.W, d = p.d;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n2;
+  const int d = static_cast<int>(p.d);  // 32-bit: cheap c < d tile predicates (no spills at d = 64)
   for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
     const int64_t i = idx % g.n2, task = idx / g.n2;
     const Task t = split_task(task, p.nh, g.num_windows);
+    const SView<T> w = sview<T>(p, s, t.b, t.h);
     const int64_t apos = stripe_anchor_position(g, t.win, i);
-    const float an = s.an[(t.b * g.Ha * g.Wa + apos) * p.nh + t.h];
+    int64_t ar, ac;
+    anchor_rc(g, apos, ar, ac);
+    const float an = w.an[apos * p.nh];
     float a[MAXD], da[MAXD];
-    load_row<T, MAXD>(anchor_ptr<T>(p, t.b, apos, t.h), p.a_sc, d, inv_norm(an), a);
+    load_row<T, MAXD>(w.a + ar * p.a_sh + ac * p.a_sw, 1, d, inv_norm(an), a);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) da[c] = (c < d) ? gr.da[idx * d + c] : 0.0f;
     const int aid = g.shifted ? stripe_anchor_region(g, t.win, i) : 0;
     const float tau = p.tau1[t.h], lse = s.lse1[idx], D1 = gr.d1[idx];
-    const float* bias = p.bias1 + t.h * g.table_rows;
+    const float* bias = p.bias1 + t.h * g.table_rows + stripe_anchor_offset(g, i) + stripe_a2w_base(g);
     const float* dzr = gr.dz + idx * d;
-    for (int64_t j = 0; j < g.n1; ++j) {
-      const int64_t pos = stripe_token_position(g, t.win, j);
-      const T* kp = token_ptr<T>(p, t.b, pos, 1, t.h);
-      const T* vp = token_ptr<T>(p, t.b, pos, 2, t.h);
-      const float ik = inv_norm(s.kn[(t.b * L + pos) * p.nh + t.h]);
+    stripe_walk_tokens(g, t.win, [&](int64_t, int64_t pos, int tid, int64_t toff) {
+      const T* kp = w.q + pos * p.q_sl + w.kv;
+      const T* vp = kp + w.kv;
+      const float ik = inv_norm(w.kn[pos * p.nh]);
       float cs = 0.0f, dp = 0.0f;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          cs += a[c] * ldf(kp + c * p.q_sc);
-          dp += dzr[c] * ldf(vp + c * p.q_sc);
+          cs += a[c] * ldf(kp + c);
+          dp += dzr[c] * ldf(vp + c);
         }
       cs *= ik;
-      const int tid = g.shifted ? stripe_token_region(g, t.win, j) : 0;
-      const float v = tau * cs + bias[stripe_a2w_index(g, i, j)] + mask_of(g, aid, tid);
-      const float pj = expf(v - lse);
-      const float w = tau * pj * (dp - D1) * ik;
+      const float pj = expf(tau * cs + bias[-toff] + mask_of(g, aid, tid) - lse);
+      const float wt = tau * pj * (dp - D1) * ik;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < d) da[c] += w * ldf(kp + c * p.q_sc);
-    }
+        if (c < d) da[c] += wt * ldf(kp + c);
+    });
     normalize_backward(da, a, an);
     T* ga = static_cast<T*>(gr.ganc) + (t.b * g.Ha * g.Wa + apos) * p.C + t.h * d;
 #pragma unroll
@@ -371,11 +387,11 @@ void launch_norms(const StripeProblem& p, const StripeSaved& s, cudaStream_t st)
   const StripeGeom& g = p.g;
   const int64_t L = g.H * g.W;
   const T* q = static_cast<const T*>(p.qkv);
-  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+  GRL_LAUNCH(grid_for(p.B * L * p.nh), kThreads, 0, st, row_norms_kernel<T>)(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
                                                                       p.q_sc, 0, s.qn);
-  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+  GRL_LAUNCH(grid_for(p.B * L * p.nh), kThreads, 0, st, row_norms_kernel<T>)(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
                                                                       p.q_sc, p.C, s.kn);
-  row_norms_kernel<T><<<grid_for(p.B * g.Ha * g.Wa * p.nh), kThreads, 0, st>>>(
+  GRL_LAUNCH(grid_for(p.B * g.Ha * g.Wa * p.nh), kThreads, 0, st, row_norms_kernel<T>)(
       static_cast<const T*>(p.anchor), p.B, g.Ha * g.Wa, g.Wa, p.nh, p.d, p.a_sb, p.a_sh, p.a_sw, p.a_sc, 0, s.an);
 }
 
@@ -383,18 +399,18 @@ template <typename T, int MAXD>
 cudaError_t forward_impl(const StripeProblem& p, void* out, const StripeSaved& s, cudaStream_t st) {
   const int64_t tasks = p.B * p.g.num_windows * p.nh;
   launch_norms<T>(p, s, st);
-  stage1_forward<T, MAXD><<<grid_for(tasks * p.g.n2), kThreads, 0, st>>>(p, s);
-  stage2_forward<T, MAXD><<<grid_for(tasks * p.g.n1), kThreads, 0, st>>>(p, s, static_cast<T*>(out));
+  GRL_LAUNCH(grid_for(tasks * p.g.n2), kThreads, 0, st, stage1_forward<T, MAXD>)(p, s);
+  GRL_LAUNCH(grid_for(tasks * p.g.n1), kThreads, 0, st, stage2_forward<T, MAXD>)(p, s, static_cast<T*>(out));
   return cudaGetLastError();
 }
 
 template <typename T, int MAXD>
 cudaError_t backward_impl(const StripeProblem& p, const StripeSaved& s, const StripeGrads& gr, cudaStream_t st) {
   const int64_t tasks = p.B * p.g.num_windows * p.nh;
-  stage2_backward_tokens<T, MAXD><<<grid_for(tasks * p.g.n1), kThreads, 0, st>>>(p, s, gr);
-  stage2_backward_anchors<T, MAXD><<<grid_for(tasks * p.g.n2), kThreads, 0, st>>>(p, s, gr);
-  stage1_backward_tokens<T, MAXD><<<grid_for(tasks * p.g.n1), kThreads, 0, st>>>(p, s, gr);
-  stage1_backward_anchors<T, MAXD><<<grid_for(tasks * p.g.n2), kThreads, 0, st>>>(p, s, gr);
+  GRL_LAUNCH(grid_for(tasks * p.g.n1), kThreads, 0, st, stage2_backward_tokens<T, MAXD>)(p, s, gr);
+  GRL_LAUNCH(grid_for(tasks * p.g.n2), kThreads, 0, st, stage2_backward_anchors<T, MAXD>)(p, s, gr);
+  GRL_LAUNCH(grid_for(tasks * p.g.n1), kThreads, 0, st, stage1_backward_tokens<T, MAXD>)(p, s, gr);
+  GRL_LAUNCH(grid_for(tasks * p.g.n2), kThreads, 0, st, stage1_backward_anchors<T, MAXD>)(p, s, gr);
   return cudaGetLastError();
 }
 

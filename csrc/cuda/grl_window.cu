@@ -5,16 +5,29 @@
 // Forward: one thread per query row, online softmax over the N = ws^2 keys, saves lse.
 // Backward (FlashAttention-2 style): query kernel -> dq, D_i = rowsum(P * dP), dtau, dbias;
 // key kernel -> dk, dv (each thread owns its key row, no atomics except dtau / dbias).
-// Inputs are read in place through 64-bit element strides; index math is grl_geometry.h.
+// Inputs are read in place through 64-bit element strides; index math is grl_geometry.h:
+// the loops over a window walk it with window_walk_tokens (counters, no division per token).
 #include "grl_cuda_common.cuh"
 
 namespace grl {
 namespace cuda {
 namespace {
 
+// Per-thread view of one (batch, window, head): base pointers so that a token's row is
+// base + pos * q_sl (no division in the loops; positions come from window_walk_tokens).
 template <typename T>
-__device__ __forceinline__ const T* wtoken_ptr(const WindowProblem& p, int64_t b, int64_t pos, int part, int64_t h) {
-  return static_cast<const T*>(p.qkv) + b * p.q_sb + pos * p.q_sl + (part * p.C + h * p.d) * p.q_sc;
+struct WView {
+  const T* q;      // qkv + b * q_sb + h * d * q_sc (part 0); k = q + C * q_sc, v = q + 2 C * q_sc
+  const float* qn; // s.qn + b * L * nh + h, indexed by pos * nh
+  const float* kn;
+  int64_t sl, kv;  // q_sl, C * q_sc
+};
+
+template <typename T>
+__device__ __forceinline__ WView<T> wview(const WindowProblem& p, const WindowSaved& s, int64_t b, int64_t h) {
+  const int64_t L = p.g.H * p.g.W;
+  return WView<T>{static_cast<const T*>(p.qkv) + b * p.q_sb + h * p.d * p.q_sc, s.qn + b * L * p.nh + h,
+                  s.kn + b * L * p.nh + h, p.q_sl, p.C * p.q_sc};
 }
 
 struct WTask {
@@ -36,37 +49,37 @@ __device__ __forceinline__ float wmask(const WindowGeom& g, int a, int b) {
 template <typename T, int MAXD>
 __global__ void window_forward_kernel(WindowProblem p, WindowSaved s, T* out) {
   const WindowGeom g = p.g;
-  const int64_t total = p.B * g.num_windows * p.nh * g.n, L = g.H * g.W, d = p.d;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n, L = g.H * g.W;
+  const int d = static_cast<int>(p.d);  // 32-bit: cheap c < d tile predicates (no spills at d = 64)
   for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
     const int64_t i = idx % g.n, task = idx / g.n;
     const WTask t = split_wtask(task, p.nh, g.num_windows);
+    const WView<T> w = wview<T>(p, s, t.b, t.h);
     const int64_t pos = window_token_position(g, t.win, i);
     float q[MAXD], y[MAXD];
-    load_row<T, MAXD>(wtoken_ptr<T>(p, t.b, pos, 0, t.h), p.q_sc, d, inv_norm(s.qn[(t.b * L + pos) * p.nh + t.h]), q);
+    load_row<T, MAXD>(w.q + pos * w.sl, 1, d, inv_norm(w.qn[pos * p.nh]), q);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) y[c] = 0.0f;
     const int ri = g.shift > 0 ? window_token_region(g, t.win, i) : 0;
     const float tau = p.tau[t.h];
-    const float* bias = p.bias + t.h * g.table_rows;
+    const float* bias = p.bias + t.h * g.table_rows + window_token_offset(g, i) + window_rel_base(g);
     float m = -INFINITY, l = 0.0f;
-    for (int64_t j = 0; j < g.n; ++j) {
-      const int64_t kpos = window_token_position(g, t.win, j);
-      const T* kp = wtoken_ptr<T>(p, t.b, kpos, 1, t.h);
-      const T* vp = wtoken_ptr<T>(p, t.b, kpos, 2, t.h);
+    window_walk_tokens(g, t.win, [&](int64_t, int64_t kpos, int rj, int64_t off) {
+      const T* kp = w.q + kpos * w.sl + w.kv;
+      const T* vp = kp + w.kv;
       float cs = 0.0f;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < d) cs += q[c] * ldf(kp + c * p.q_sc);
-      cs *= inv_norm(s.kn[(t.b * L + kpos) * p.nh + t.h]);
-      const int rj = g.shift > 0 ? window_token_region(g, t.win, j) : 0;
-      const float v = tau * cs + bias[window_rel_index(g, i, j)] + wmask(g, ri, rj);
+        if (c < d) cs += q[c] * ldf(kp + c);
+      cs *= inv_norm(w.kn[kpos * p.nh]);
+      const float v = tau * cs + bias[-off] + wmask(g, ri, rj);
       const float mn = fmaxf(m, v), corr = expf(m - mn), pj = expf(v - mn);
       l = l * corr + pj;
       m = mn;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
-        if (c < d) y[c] = y[c] * corr + pj * ldf(vp + c * p.q_sc);
-    }
+        if (c < d) y[c] = y[c] * corr + pj * ldf(vp + c);
+    });
     T* op = out + (t.b * L + pos) * p.C + t.h * d;
     const float inv = 1.0f / l;
 #pragma unroll
@@ -79,50 +92,51 @@ __global__ void window_forward_kernel(WindowProblem p, WindowSaved s, T* out) {
 template <typename T, int MAXD>
 __global__ void window_backward_queries(WindowProblem p, WindowSaved s, WindowGrads gr) {
   const WindowGeom g = p.g;
-  const int64_t total = p.B * g.num_windows * p.nh * g.n, L = g.H * g.W, d = p.d;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n, L = g.H * g.W;
+  const int d = static_cast<int>(p.d);  // 32-bit: cheap c < d tile predicates (no spills at d = 64)
   for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
     const int64_t i = idx % g.n, task = idx / g.n;
     const WTask t = split_wtask(task, p.nh, g.num_windows);
+    const WView<T> w = wview<T>(p, s, t.b, t.h);
     const int64_t pos = window_token_position(g, t.win, i);
-    const float qn = s.qn[(t.b * L + pos) * p.nh + t.h];
+    const float qn = w.qn[pos * p.nh];
     float q[MAXD], dy[MAXD], dq[MAXD];
-    load_row<T, MAXD>(wtoken_ptr<T>(p, t.b, pos, 0, t.h), p.q_sc, d, inv_norm(qn), q);
+    load_row<T, MAXD>(w.q + pos * w.sl, 1, d, inv_norm(qn), q);
     load_row<T, MAXD>(static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d, 1, d, 1.0f, dy);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dq[c] = 0.0f;
     const int ri = g.shift > 0 ? window_token_region(g, t.win, i) : 0;
     const float tau = p.tau[t.h], lse = s.lse[idx];
-    const float* bias = p.bias + t.h * g.table_rows;
+    const int64_t rbase = t.h * g.table_rows + window_token_offset(g, i) + window_rel_base(g);
+    const float* bias = p.bias + rbase;
+    float* dbias = gr.dbias + rbase;
     float D = 0.0f, dt = 0.0f;
     for (int pass = 0; pass < 2; ++pass) {
-      for (int64_t j = 0; j < g.n; ++j) {
-        const int64_t kpos = window_token_position(g, t.win, j);
-        const T* kp = wtoken_ptr<T>(p, t.b, kpos, 1, t.h);
-        const T* vp = wtoken_ptr<T>(p, t.b, kpos, 2, t.h);
-        const float ik = inv_norm(s.kn[(t.b * L + kpos) * p.nh + t.h]);
+      window_walk_tokens(g, t.win, [&](int64_t, int64_t kpos, int rj, int64_t off) {
+        const T* kp = w.q + kpos * w.sl + w.kv;
+        const T* vp = kp + w.kv;
+        const float ik = inv_norm(w.kn[kpos * p.nh]);
         float cs = 0.0f, dp = 0.0f;
 #pragma unroll
         for (int c = 0; c < MAXD; ++c)
           if (c < d) {
-            cs += q[c] * ldf(kp + c * p.q_sc);
-            dp += dy[c] * ldf(vp + c * p.q_sc);
+            cs += q[c] * ldf(kp + c);
+            dp += dy[c] * ldf(vp + c);
           }
         cs *= ik;
-        const int rj = g.shift > 0 ? window_token_region(g, t.win, j) : 0;
-        const int64_t r = window_rel_index(g, i, j);
-        const float pj = expf(tau * cs + bias[r] + wmask(g, ri, rj) - lse);
+        const float pj = expf(tau * cs + bias[-off] + wmask(g, ri, rj) - lse);
         if (pass == 0) {
           D += pj * dp;
         } else {
           const float ds = pj * (dp - D);
           dt += ds * cs;
-          atomicAdd(gr.dbias + t.h * g.table_rows + r, ds);
-          const float w = tau * ds * ik;
+          atomicAdd(dbias - off, ds);
+          const float wt = tau * ds * ik;
 #pragma unroll
           for (int c = 0; c < MAXD; ++c)
-            if (c < d) dq[c] += w * ldf(kp + c * p.q_sc);
+            if (c < d) dq[c] += wt * ldf(kp + c);
         }
-      }
+      });
     }
     gr.drow[idx] = D;
     atomicAdd(gr.dtau + t.h, dt);
@@ -137,44 +151,47 @@ __global__ void window_backward_queries(WindowProblem p, WindowSaved s, WindowGr
 template <typename T, int MAXD>
 __global__ void window_backward_keys(WindowProblem p, WindowSaved s, WindowGrads gr) {
   const WindowGeom g = p.g;
-  const int64_t total = p.B * g.num_windows * p.nh * g.n, L = g.H * g.W, d = p.d;
+  const int64_t total = p.B * g.num_windows * p.nh * g.n, L = g.H * g.W;
+  const int d = static_cast<int>(p.d);  // 32-bit: cheap c < d tile predicates (no spills at d = 64)
   for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
     const int64_t j = idx % g.n, task = idx / g.n;
     const WTask t = split_wtask(task, p.nh, g.num_windows);
+    const WView<T> w = wview<T>(p, s, t.b, t.h);
     const int64_t pos = window_token_position(g, t.win, j);
-    const float kn = s.kn[(t.b * L + pos) * p.nh + t.h];
+    const float kn = w.kn[pos * p.nh];
     float k[MAXD], dk[MAXD], dv[MAXD];
-    load_row<T, MAXD>(wtoken_ptr<T>(p, t.b, pos, 1, t.h), p.q_sc, d, inv_norm(kn), k);
-    const T* vp = wtoken_ptr<T>(p, t.b, pos, 2, t.h);
+    load_row<T, MAXD>(w.q + pos * w.sl + w.kv, 1, d, inv_norm(kn), k);
+    const T* vp = w.q + pos * w.sl + 2 * w.kv;
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dk[c] = 0.0f, dv[c] = 0.0f;
     const int rj = g.shift > 0 ? window_token_region(g, t.win, j) : 0;
     const float tau = p.tau[t.h];
-    const float* bias = p.bias + t.h * g.table_rows;
-    for (int64_t i = 0; i < g.n; ++i) {
-      const int64_t qpos = window_token_position(g, t.win, i);
-      const T* qp = wtoken_ptr<T>(p, t.b, qpos, 0, t.h);
-      const T* gp = static_cast<const T*>(gr.gout) + (t.b * L + qpos) * p.C + t.h * d;
-      const float iq = inv_norm(s.qn[(t.b * L + qpos) * p.nh + t.h]);
+    // window(i, j) = off(i) - off(j) + base: the row walks with i
+    const float* bias = p.bias + t.h * g.table_rows - window_token_offset(g, j) + window_rel_base(g);
+    const T* gbase = static_cast<const T*>(gr.gout) + t.b * L * p.C + t.h * d;
+    const float* lse = s.lse + task * g.n;
+    const float* drow = gr.drow + task * g.n;
+    window_walk_tokens(g, t.win, [&](int64_t i, int64_t qpos, int ri, int64_t off) {
+      const T* qp = w.q + qpos * w.sl;
+      const T* gp = gbase + qpos * p.C;
+      const float iq = inv_norm(w.qn[qpos * p.nh]);
       float cs = 0.0f, dp = 0.0f;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          cs += k[c] * ldf(qp + c * p.q_sc);
-          dp += ldf(gp + c) * ldf(vp + c * p.q_sc);
+          cs += k[c] * ldf(qp + c);
+          dp += ldf(gp + c) * ldf(vp + c);
         }
       cs *= iq;
-      const int ri = g.shift > 0 ? window_token_region(g, t.win, i) : 0;
-      const int64_t row = task * g.n + i;
-      const float pij = expf(tau * cs + bias[window_rel_index(g, i, j)] + wmask(g, ri, rj) - s.lse[row]);
-      const float w = tau * pij * (dp - gr.drow[row]) * iq;
+      const float pij = expf(tau * cs + bias[off] + wmask(g, ri, rj) - lse[i]);
+      const float wt = tau * pij * (dp - drow[i]) * iq;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
           dv[c] += pij * ldf(gp + c);
-          dk[c] += w * ldf(qp + c * p.q_sc);
+          dk[c] += wt * ldf(qp + c);
         }
-    }
+    });
     normalize_backward(dk, k, kn);
     T* gk = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + p.C + t.h * d;
 #pragma unroll
@@ -190,9 +207,9 @@ template <typename T>
 void launch_wnorms(const WindowProblem& p, const WindowSaved& s, cudaStream_t st) {
   const int64_t L = p.g.H * p.g.W;
   const T* q = static_cast<const T*>(p.qkv);
-  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+  GRL_LAUNCH(grid_for(p.B * L * p.nh), kThreads, 0, st, row_norms_kernel<T>)(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
                                                                       p.q_sc, 0, s.qn);
-  row_norms_kernel<T><<<grid_for(p.B * L * p.nh), kThreads, 0, st>>>(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
+  GRL_LAUNCH(grid_for(p.B * L * p.nh), kThreads, 0, st, row_norms_kernel<T>)(q, p.B, L, L, p.nh, p.d, p.q_sb, 0, p.q_sl,
                                                                       p.q_sc, p.C, s.kn);
 }
 
@@ -200,15 +217,15 @@ template <typename T, int MAXD>
 cudaError_t wforward_impl(const WindowProblem& p, void* out, const WindowSaved& s, cudaStream_t st) {
   launch_wnorms<T>(p, s, st);
   const int64_t rows = p.B * p.g.num_windows * p.nh * p.g.n;
-  window_forward_kernel<T, MAXD><<<grid_for(rows), kThreads, 0, st>>>(p, s, static_cast<T*>(out));
+  GRL_LAUNCH(grid_for(rows), kThreads, 0, st, window_forward_kernel<T, MAXD>)(p, s, static_cast<T*>(out));
   return cudaGetLastError();
 }
 
 template <typename T, int MAXD>
 cudaError_t wbackward_impl(const WindowProblem& p, const WindowSaved& s, const WindowGrads& gr, cudaStream_t st) {
   const int64_t rows = p.B * p.g.num_windows * p.nh * p.g.n;
-  window_backward_queries<T, MAXD><<<grid_for(rows), kThreads, 0, st>>>(p, s, gr);
-  window_backward_keys<T, MAXD><<<grid_for(rows), kThreads, 0, st>>>(p, s, gr);
+  GRL_LAUNCH(grid_for(rows), kThreads, 0, st, window_backward_queries<T, MAXD>)(p, s, gr);
+  GRL_LAUNCH(grid_for(rows), kThreads, 0, st, window_backward_keys<T, MAXD>)(p, s, gr);
   return cudaGetLastError();
 }
 

@@ -163,4 +163,78 @@ GRL_HD int window_token_region(const WindowGeom& g, int64_t win, int64_t j) {
   return window_token_region_rc(g, wy * g.ws + j / g.ws, wx * g.ws + j % g.ws);
 }
 
+// ---- division-free walks over one window (the CUDA kernels' inner loops) ------------------
+// fn is called for every position of window `win` in row-major order, with counters instead of
+// a division per position: the roll is one conditional subtraction per row and per column, the
+// region bands are compares, and the bias-row offset `off` is y * table_w + x (window: y * side
+// + x) for the position's (y, x) inside the window, so that
+//   a2w row (anchor i, token j) = abase(i) - off(j),  abase(i) = (u + sh - 1) * table_w + (v + sw - 1)
+//   w2a row (token j, anchor i) = tbase(j) - off(i),  tbase(j) = (y + ah - 1) * table_w + (x + aw - 1)
+//   window row (query i, key j) = qbase(i) - off(j),  qbase(i) = (y + ws - 1) * side + (x + ws - 1)
+// (the same offsets as stripe_a2w_index / stripe_w2a_index / window_rel_index).
+// Offsets of one position from its index in the window (one division, for a thread's own row)
+// and the constant parts of the three relative indices:
+//   a2w(i, j) = aoff(i) - toff(j) + stripe_a2w_base(g),  w2a(j, i) = toff(j) - aoff(i) + stripe_w2a_base(g),
+//   window(i, j) = off(i) - off(j) + window_rel_base(g).
+GRL_HD int64_t stripe_token_offset(const StripeGeom& g, int64_t j) { return (j / g.sw) * g.table_w + j % g.sw; }
+GRL_HD int64_t stripe_anchor_offset(const StripeGeom& g, int64_t i) { return (i / g.aw) * g.table_w + i % g.aw; }
+GRL_HD int64_t stripe_a2w_base(const StripeGeom& g) { return (g.sh - 1) * g.table_w + (g.sw - 1); }
+GRL_HD int64_t stripe_w2a_base(const StripeGeom& g) { return (g.ah - 1) * g.table_w + (g.aw - 1); }
+GRL_HD int64_t window_token_offset(const WindowGeom& g, int64_t j) { return (j / g.ws) * g.table_side + j % g.ws; }
+GRL_HD int64_t window_rel_base(const WindowGeom& g) { return (g.ws - 1) * g.table_side + (g.ws - 1); }
+
+// Tokens: fn(j, pos, region, off) with pos the row-major image index.
+template <typename F>
+GRL_HD void stripe_walk_tokens(const StripeGeom& g, int64_t win, F&& fn) {
+  const int64_t r0 = (win / g.windows_w) * g.sh, c0 = (win % g.windows_w) * g.sw;
+  int64_t j = 0;
+  for (int64_t y = 0; y < g.sh; ++y) {
+    int64_t row = r0 + y + g.shift_h;
+    row = row >= g.H ? row - g.H : row;
+    const int bh = g.shifted ? 3 * region_band(r0 + y, g.H, g.sh, g.shift_h) : 0;
+      for (int64_t x = 0; x < g.sw; ++x, ++j) {
+      int64_t col = c0 + x + g.shift_w;
+      col = col >= g.W ? col - g.W : col;
+      const int region = g.shifted ? bh + region_band(c0 + x, g.W, g.sw, g.shift_w) : 0;
+      fn(j, row * g.W + col, region, y * g.table_w + x);
+    }
+  }
+}
+
+// Anchors: fn(i, row, col, region, off) with (row, col) on the anchor grid (shift undone).
+template <typename F>
+GRL_HD void stripe_walk_anchors(const StripeGeom& g, int64_t win, F&& fn) {
+  const int64_t r0 = (win / g.windows_w) * g.ah, c0 = (win % g.windows_w) * g.aw;
+  int64_t i = 0;
+  for (int64_t u = 0; u < g.ah; ++u) {
+    int64_t row = r0 + u + g.ash;
+    row = row >= g.Ha ? row - g.Ha : row;
+    const int bh = g.shifted ? 3 * region_band(r0 + u, g.Ha, g.ah, g.ash) : 0;
+      for (int64_t v = 0; v < g.aw; ++v, ++i) {
+      int64_t col = c0 + v + g.asw;
+      col = col >= g.Wa ? col - g.Wa : col;
+      const int region = g.shifted ? bh + region_band(c0 + v, g.Wa, g.aw, g.asw) : 0;
+      fn(i, row, col, region, u * g.table_w + v);
+    }
+  }
+}
+
+// Window tokens: fn(j, pos, region, off); region is 0 on unshifted blocks (shift == 0).
+template <typename F>
+GRL_HD void window_walk_tokens(const WindowGeom& g, int64_t win, F&& fn) {
+  const int64_t r0 = (win / g.windows_w) * g.ws, c0 = (win % g.windows_w) * g.ws;
+  int64_t j = 0;
+  for (int64_t y = 0; y < g.ws; ++y) {
+    int64_t row = r0 + y + g.shift;
+    row = row >= g.H ? row - g.H : row;
+    const int bh = g.shift > 0 ? 3 * region_band(r0 + y, g.H, g.ws, g.shift) : 0;
+      for (int64_t x = 0; x < g.ws; ++x, ++j) {
+      int64_t col = c0 + x + g.shift;
+      col = col >= g.W ? col - g.W : col;
+      const int region = g.shift > 0 ? bh + region_band(c0 + x, g.W, g.ws, g.shift) : 0;
+      fn(j, row * g.W + col, region, y * g.table_side + x);
+    }
+  }
+}
+
 }  // namespace grl

@@ -4,23 +4,32 @@ SIMT kernels (one thread per attention row, online softmax, float32 accumulation
 reading qkv/anchor in place and never storing an attention map. Differentiable w.r.t.
 qkv, anchor, scales and bias tables. Head dims above 64 (no GRL preset uses them) run
 the reference path with a warning.
+
+``GRL_KERNELS_EMULATE_CUDA=1`` (read at import) also makes this backend take CPU tensors:
+they run the same kernels compiled for the host through the emulation layer (csrc/emu,
+docs/cuda.md; built just in time). "auto" never picks it for CPU tensors; name it
+explicitly (``backend="cuda"``, ``grl-kernels check --backend cuda``).
 """
+import os
 import warnings
 
 import torch
 
 from . import extension
-from .extension import ops
+from .extension import emulated, ops
 from .registry import Backend, register_backend
 
 DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16})
 MAX_HEAD_DIM = 64  # register tiles of the kernels (grl::cuda::kMaxHeadDim)
 _warned = [False]
+EMULATED = os.environ.get("GRL_KERNELS_EMULATE_CUDA", "0") == "1"
+DEVICES = frozenset({"cuda", "cpu"}) if EMULATED else frozenset({"cuda"})
 
 
 def _check(name: str, t: torch.Tensor) -> None:
-    if t.device.type != "cuda":
-        raise ValueError(f"the 'cuda' backend needs CUDA tensors; {name} is on {t.device}")
+    if t.device.type not in DEVICES:
+        raise ValueError(f"the 'cuda' backend needs CUDA tensors{' (or CPU tensors, emulated)' if EMULATED else ''}; "
+                         f"{name} is on {t.device}")
     if t.dtype not in DTYPES:
         raise TypeError(f"the 'cuda' backend takes float32, float16 or bfloat16 {name}, got {t.dtype}")
 
@@ -35,6 +44,11 @@ def _too_wide(qkv, num_heads) -> bool:
     return True
 
 
+def unit_channel_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows with channel stride 1 (any batch / token strides): copy otherwise."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def stripe(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2):
     _check("qkv", qkv)
     _check("anchor", anchor)
@@ -44,6 +58,9 @@ def stripe(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2):
         from ..reference import stripe_attention_reference
 
         return stripe_attention_reference(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2)
+    qkv, anchor = unit_channel_stride(qkv), unit_channel_stride(anchor)
+    if qkv.device.type == "cpu":
+        return emulated.stripe(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2)
     return ops.stripe(qkv, anchor, geom, num_heads, scale1, bias1, scale2, bias2)
 
 
@@ -53,10 +70,17 @@ def window(qkv, geom, num_heads, scale, bias):
         from ..reference import window_attention_reference
 
         return window_attention_reference(qkv, geom, num_heads, scale, bias)
+    qkv = unit_channel_stride(qkv)
+    if qkv.device.type == "cpu":
+        return emulated.window(qkv, geom, num_heads, scale, bias)
     return ops.window(qkv, geom, num_heads, scale, bias)
 
 
 def _available():
+    if EMULATED:  # the CPU path must build; a GPU, when there is one, needs its own module too
+        ok, why = extension.availability("cuda_emu")
+        if not ok or not torch.cuda.is_available():
+            return ok, why
     if not torch.cuda.is_available():
         return False, "no CUDA device (torch.cuda.is_available() is False)"
     return extension.availability("cuda")
@@ -67,10 +91,14 @@ register_backend(
         name="cuda",
         stripe=stripe,
         window=window,
-        devices=frozenset({"cuda"}),
+        devices=DEVICES,
         dtypes=DTYPES,
         priority=5,
         check_available=_available,
-        description="CUDA C++ SIMT kernels (one thread per row, online softmax, no attention maps)",
+        description=("CUDA C++ SIMT kernels (one thread per row, online softmax, no attention maps)"
+                     + ("; CPU tensors run them through the emulation layer (GRL_KERNELS_EMULATE_CUDA=1)"
+                        if EMULATED else "")),
+        auto_devices=frozenset({"cuda"}),
+        display_name="cuda (emulated on CPU)" if EMULATED else "cuda",
     )
 )

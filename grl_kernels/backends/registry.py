@@ -30,6 +30,10 @@ class Backend:
     priority: int = 0  # higher wins for "auto"
     check_available: Callable[[], Tuple[bool, str]] = field(default=lambda: (True, ""))
     description: str = ""
+    # devices "auto" may pick this backend for (None: all of `devices`); an explicit name
+    # still works on every device of `devices` (e.g. the CUDA kernels emulated on the CPU).
+    auto_devices: Optional[FrozenSet[str]] = None
+    display_name: str = ""  # shown by `grl-kernels info` instead of the name, e.g. "cuda (emulated on CPU)"
     _status: Optional[Tuple[bool, str]] = None
 
     def availability(self) -> Tuple[bool, str]:
@@ -43,6 +47,9 @@ class Backend:
 
     def supports(self, device: torch.device, dtype: torch.dtype) -> bool:
         return device.type in self.devices and dtype in self.dtypes
+
+    def auto_ok(self, device: torch.device) -> bool:
+        return self.auto_devices is None or device.type in self.auto_devices
 
 
 _REGISTRY: Dict[str, Backend] = {}
@@ -157,7 +164,7 @@ def resolve_backend(name: Optional[str], device: torch.device, dtype: torch.dtyp
     if name == "auto":
         skipped = []
         for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
-            if b.supports(device, dtype):
+            if b.supports(device, dtype) and b.auto_ok(device):
                 if b.availability()[0]:
                     if skipped:
                         _warn_fallback_once(skipped, b)

@@ -61,7 +61,7 @@ def info_dict() -> Dict:
     for name, ok, why in registry.backend_info():
         b = registry._REGISTRY[name]
         info["backends"].append({
-            "name": name, "available": ok, "reason": why, "priority": b.priority,
+            "name": name, "display_name": b.display_name or name, "available": ok, "reason": why, "priority": b.priority,
             "devices": sorted(b.devices), "dtypes": sorted(str(t).replace("torch.", "") for t in b.dtypes),
             "description": b.description,
         })
@@ -80,7 +80,7 @@ def cmd_info(args) -> int:
     else:
         print(f"  {'gpu':14s} none (torch.cuda.is_available() is False)")
     print(f"\nbackends (default: {info['default_backend']}; 'auto' picks the highest priority that handles the inputs):")
-    rows = [[b["name"], "yes" if b["available"] else "no", b["priority"], ",".join(b["devices"]),
+    rows = [[b["display_name"], "yes" if b["available"] else "no", b["priority"], ",".join(b["devices"]),
              ",".join(b["dtypes"]), b["reason"] if not b["available"] else b["description"]] for b in info["backends"]]
     print(text_table(["backend", "available", "priority", "devices", "dtypes", "note"], rows))
     if args.json:

@@ -1,4 +1,5 @@
-"""Loader of the compiled extensions (CPU: ``_C_cpu``, CUDA: ``_C_cuda``).
+"""Loader of the compiled extensions (CPU: ``_C_cpu``, CUDA: ``_C_cuda``; ``_C_cuda_emu``: the
+CUDA kernels built for the host, JIT only, see docs/cuda.md).
 
 Order: the module built at install time (``grl_kernels._C_cpu``: in a wheel, or from
 ``pip install --no-build-isolation``); if it is missing or stale, ONE just-in-time build per
@@ -76,14 +77,24 @@ def _prebuilt(name: str):
 
 
 def _build_flags(kind: str, root: Path):
+    """Compiler flags and include folders of one extension kind (keyword arguments of cpp_extension.load)."""
+    includes = cfg.CUDA_EMU_INCLUDE_DIRS if kind == "cuda_emu" else cfg.INCLUDE_DIRS
+    flags = dict(extra_include_paths=[str(root / d) for d in includes])
     if kind == "cpu":
-        return dict(extra_cflags=cfg.cpu_cflags(root), extra_ldflags=list(cfg.CPU_LDFLAGS))
-    return dict(extra_cflags=cfg.cuda_cflags(root), extra_cuda_cflags=cfg.nvcc_flags())
+        flags.update(extra_cflags=cfg.cpu_cflags(root), extra_ldflags=list(cfg.CPU_LDFLAGS))
+    elif kind == "cuda_emu":
+        flags.update(extra_cflags=cfg.cuda_emu_cflags(root), extra_ldflags=list(cfg.CUDA_EMU_LDFLAGS))
+    else:
+        flags.update(extra_cflags=cfg.cuda_cflags(root), extra_cuda_cflags=cfg.nvcc_flags())
+    return flags
 
 
 def build_dir_for(kind: str, root: Path, flags) -> Path:
     """One folder per (extension, sources, flags) inside the per-torch cache folder."""
-    key = hashlib.sha1(f"{cfg.source_hash(root)}|{sorted(flags.items())}".encode()).hexdigest()[:12]
+    # include folders are absolute paths under root (fixed per kind): left out, so the same sources
+    # installed in another place (another venv) reuse the build
+    same = sorted((k, v) for k, v in flags.items() if k != "extra_include_paths")
+    key = hashlib.sha1(f"{kind}|{cfg.source_hash(root)}|{same}".encode()).hexdigest()[:12]
     return cache_dir() / f"{kind}-{key}"
 
 
@@ -106,7 +117,7 @@ def _jit(kind: str):
     if os.environ.get("GRL_KERNELS_NO_JIT", "0") == "1":
         raise ExtensionUnavailable("no prebuilt extension and GRL_KERNELS_NO_JIT=1")
     root = source_root()
-    sources = cfg.CPU_SOURCES if kind == "cpu" else cfg.CUDA_SOURCES
+    sources = {"cpu": cfg.CPU_SOURCES, "cuda": cfg.CUDA_SOURCES, "cuda_emu": cfg.CUDA_EMU_SOURCES}[kind]
     paths = [root / s for s in sources]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -152,7 +163,6 @@ def _locked_build(kind, name, paths, root, flags, build_dir):
             mod = cpp_extension.load(
                 name=name,
                 sources=[str(p) for p in paths],
-                extra_include_paths=[str(root / d) for d in cfg.INCLUDE_DIRS],
                 build_directory=str(build_dir),
                 verbose=os.environ.get("GRL_KERNELS_VERBOSE_BUILD", "0") == "1",
                 **flags,
@@ -194,13 +204,16 @@ def _compiler_message(exc: Exception, build_dir: Path) -> str:
     return "\n".join(picked)
 
 
+_NAMES = {"cpu": cfg.CPU_NAME, "cuda": cfg.CUDA_NAME, "cuda_emu": cfg.CUDA_EMU_NAME}
+
+
 def load(kind: str):
-    """The compiled module for ``kind`` ("cpu" or "cuda"); raises ExtensionUnavailable."""
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    """The compiled module for ``kind`` ("cpu", "cuda" or "cuda_emu"); raises ExtensionUnavailable."""
+    if kind not in _NAMES:
+        raise ValueError(f"kind must be one of {sorted(_NAMES)}, got {kind!r}")
     with _lock:
         if kind not in _cache:
-            name = cfg.CPU_NAME if kind == "cpu" else cfg.CUDA_NAME
+            name = _NAMES[kind]
             try:
                 _cache[kind] = _prebuilt(name) or _jit(kind)
             except ExtensionUnavailable as exc:

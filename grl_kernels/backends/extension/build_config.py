@@ -21,6 +21,23 @@ CPU_SOURCES = ["csrc/cpu/grl_cpu_binding.cpp", "csrc/cpu/grl_cpu_stripe.cpp", "c
 CUDA_SOURCES = ["csrc/cuda/grl_cuda_binding.cpp", "csrc/cuda/grl_stripe.cu", "csrc/cuda/grl_window.cu"]
 INCLUDE_DIRS = ["csrc/include", "csrc/cpu", "csrc/cuda"]
 
+# The CUDA kernels compiled for the host through csrc/emu/grl_cuda_emu.h (CPU tensors; see
+# docs/cuda.md). Never built by setup.py: only just in time, when GRL_KERNELS_EMULATE_CUDA=1
+# (or a test) asks for it. The wrappers #include the .cu sources, so the kernel code is one source.
+CUDA_EMU_NAME = "_C_cuda_emu"
+CUDA_EMU_SOURCES = ["csrc/emu/grl_emu_binding.cpp", "csrc/emu/grl_emu_stripe.cpp", "csrc/emu/grl_emu_window.cpp"]
+CUDA_EMU_INCLUDE_DIRS = INCLUDE_DIRS + ["csrc/emu"]
+
+
+def cuda_emu_cflags(root=None):
+    # -O2: the emulated kernels only need to be fast enough for small test shapes;
+    # -fopenmp runs the blocks of a launch in parallel; #pragma unroll is nvcc's, not GCC's.
+    flags = ["-O2", "-DGRL_CUDA_EMU", "-fopenmp", "-Wno-unknown-pragmas"]
+    return flags + ([hash_define(root)] if root is not None else [])
+
+
+CUDA_EMU_LDFLAGS = ["-fopenmp"]
+
 
 def cpu_cflags(root=None, native=None):
     """Flags of the CPU extension. ``native`` None: the just-in-time default (native unless
