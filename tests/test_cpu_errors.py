@@ -98,5 +98,5 @@ def test_cuda_backend_unavailable_is_reported_not_raised():
 
 
 def test_extension_load_rejects_unknown_kind():
-    with pytest.raises(ValueError, match="kind must be 'cpu' or 'cuda'"):
+    with pytest.raises(ValueError, match=r"kind must be one of \['cpu', 'cuda', 'cuda_emu'\], got 'tpu'"):
         extension.load("tpu")
