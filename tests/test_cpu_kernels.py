@@ -42,7 +42,7 @@ STRIPE_CASES = {
     "square-shifted": (16, 32, (8, 8), (None, None), True, 4, 2, 8),
     "square-unshifted": (16, 32, (8, 8), (None, None), False, 4, 2, 8),
     "H-groups-shifted": (32, 32, (8, None), (None, 4), True, 4, 2, 8),
-    "W-groups-shifted": (32, 32, (None, 8), (4, None), True, 4, 2, 8),
+    "W-groups-shifted": (48, 32, (None, 8), (4, None), True, 4, 2, 8),  # stripe 12 x 8, shift (6, 4)
     "W-groups-nonsquare": (32, 16, (None, 8), (4, None), True, 4, 2, 8),
     "t0-anchor-quirk": (16, 16, (8, None), (None, 4), True, 4, 2, 6),  # anchor shift_w = 2 // 4 = 0
     "groups-1-zero-shift": (16, 16, (None, None), (1, 2), True, 2, 1, 4),  # shift_h = 0 while shifted
