@@ -79,7 +79,8 @@ STRIPE_CASES = {
     # head dim 1 and 128 (padding to 16, widest tile). With d = 1, cos = +-1: the anchor gradient
     # is 0 in exact arithmetic and tau1's is a cancelling sum, so errors are measured against 1
     # (absolute), as in conftest.max_scaled_error; the float32 reference is off by as much.
-    "head_dim_1": (1, (8, 16), (8, 8), (None, None), True, 2, 3, 1, dict(floor=1.0)),
+    # Observed 3.9e-5 (tau1), so this case keeps the float32 limit 1e-4.
+    "head_dim_1": (1, (8, 16), (8, 8), (None, None), True, 2, 3, 1, dict(floor=1.0, tol=1e-4)),
     "head_dim_128": (1, (8, 8), (8, 8), (None, None), False, 2, 1, 128, {}),
 }
 
@@ -98,13 +99,13 @@ def _split_opts(opts):
     return build, over, opts.get("floor", 1e-30)
 
 
-def _check(out, grads, ref_out, ref_grads, dtype, label, floor=1e-30):
+def _check(out, grads, ref_out, ref_grads, dtype, label, floor=1e-30, tol=None):
     errs = {"out": rel_err(out, ref_out, floor)}
     errs.update({k: rel_err(grads[k], ref_grads[k], floor) for k in ref_grads})
     print(label, {k: f"{v:.1e}" for k, v in errs.items()})
-    assert errs["out"] <= FWD_TOL[dtype], (label, errs)
+    assert errs["out"] <= (tol or FWD_TOL[dtype]), (label, errs)
     for k, v in errs.items():
-        assert v <= BWD_TOL[dtype], (label, k, errs)
+        assert v <= (tol or BWD_TOL[dtype]), (label, k, errs)
     return errs
 
 
@@ -122,7 +123,8 @@ def _stripe_check(name, dtype=torch.float32, deterministic=False):
         T.set_deterministic(None)
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert grads["qkv"].shape == inputs["qkv"].shape and grads["anchor"].shape == inputs["anchor"].shape
-    return _check(out, grads, ref_out, ref_grads, dtype, f"stripe {name} {dtype}", floor)
+    tol = opts.get("tol") if dtype == torch.float32 else None
+    return _check(out, grads, ref_out, ref_grads, dtype, f"stripe {name} {dtype}", floor, tol)
 
 
 def _window_check(name, dtype=torch.float32, deterministic=False):
