@@ -116,7 +116,7 @@ def _apply(dest: Path, m: Mutant) -> None:
 def _failed_tests(stdout: str) -> List[str]:
     seen = []
     for line in stdout.splitlines():
-        mm = re.match(r"(FAILED|ERROR) (\S+)", line)
+        mm = re.match(r"(FAILED|ERROR) (.+?)(?: - |$)", line)
         if mm and mm.group(2) not in seen:
             seen.append(mm.group(2))
     return seen
