@@ -70,5 +70,20 @@ def test_explicit_backend_wrong_device_is_an_error():
         registry._REGISTRY.pop("_test_cuda_only")
 
 
-def test_auto_on_cpu_float64_falls_to_reference():
-    assert registry.resolve_backend("auto", torch.device("cpu"), torch.float64).name in {"reference", "cpu"}
+def _best(device, dtype):
+    """The documented rule: the available backend of highest priority that takes the inputs."""
+    ok = [b for b in sorted(registry._REGISTRY.values(), key=lambda b: -b.priority)
+          if b.supports(device, dtype) and b.availability()[0]]
+    return ok[0].name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_auto_on_cpu_picks_the_best_backend(dtype):
+    cpu = torch.device("cpu")
+    got = registry.resolve_backend("auto", cpu, dtype).name
+    assert got == _best(cpu, dtype)
+    if dtype != torch.float16 and "cpu" in G.available_backends():
+        assert got == "cpu"  # the fused kernels (priority 20) take float64 / float32 / bfloat16
+    if dtype == torch.float16 and "triton" not in [b for b in G.available_backends()
+                                                   if registry._REGISTRY[b].supports(cpu, dtype)]:
+        assert got == "reference"  # no compiled CPU backend takes float16

@@ -42,7 +42,7 @@ STRIPE_CASES = {
     "square-shifted": (16, 32, (8, 8), (None, None), True, 4, 2, 8),
     "square-unshifted": (16, 32, (8, 8), (None, None), False, 4, 2, 8),
     "H-groups-shifted": (32, 32, (8, None), (None, 4), True, 4, 2, 8),
-    "W-groups-shifted": (32, 32, (None, 8), (4, None), True, 4, 2, 8),
+    "W-groups-shifted": (48, 32, (None, 8), (4, None), True, 4, 2, 8),  # stripe 12 x 8, shift (6, 4)
     "W-groups-nonsquare": (32, 16, (None, 8), (4, None), True, 4, 2, 8),
     "t0-anchor-quirk": (16, 16, (8, None), (None, 4), True, 4, 2, 6),  # anchor shift_w = 2 // 4 = 0
     "groups-1-zero-shift": (16, 16, (None, None), (1, 2), True, 2, 1, 4),  # shift_h = 0 while shifted
@@ -152,9 +152,11 @@ def test_window_gradcheck_float64():
 # bfloat16: the kernel reads bf16, accumulates in float32 and rounds once at the end, so
 # its error against a float32 reference on the SAME rounded inputs is one bf16 rounding
 # of the result: <= 2^-8 of max(1, |ref|) (bf16 has an 8-bit significand). Parameter
-# gradients stay float32 (the parameters are float32): 1e-4 allows for float32
-# accumulation over the ~2000 products of each sum.
+# gradients stay float32 (the parameters are float32): float32 accumulation over the
+# ~2000 products of each sum, observed <= 1.9e-6 (tau and bias tables, stripe and window);
+# PARAM_TOL is ~5x that (it was 1e-4, 50x above what the code reaches).
 BF16_TOL = 2.0 ** -8
+PARAM_TOL = 1e-5
 
 
 @pytest.mark.parametrize("name", ["H-groups-shifted", "nonsquare-d30"])
@@ -170,7 +172,7 @@ def test_stripe_bfloat16(name):
     for n, a, e in zip(["qkv", "anchor"], g_bf[:2], g_32[:2]):
         assert a.dtype == torch.bfloat16 and max_scaled_error(a, e) <= BF16_TOL, n
     for n, a, e in zip(["scale1", "bias1", "scale2", "bias2"], g_bf[2:], g_32[2:]):
-        assert a.dtype == torch.float32 and max_scaled_error(a, e) <= 1e-4, n
+        assert a.dtype == torch.float32 and max_scaled_error(a, e) <= PARAM_TOL, n
 
 
 def test_window_bfloat16():
@@ -188,7 +190,7 @@ def test_window_bfloat16():
     gbf = torch.autograd.grad(outbf, [qbf, sbf, bbf], go)
     assert outbf.dtype == torch.bfloat16 and max_scaled_error(outbf, out32) <= BF16_TOL
     assert max_scaled_error(gbf[0], g32[0]) <= BF16_TOL
-    assert max_scaled_error(gbf[1], g32[1]) <= 1e-4 and max_scaled_error(gbf[2], g32[2]) <= 1e-4
+    assert max_scaled_error(gbf[1], g32[1]) <= PARAM_TOL and max_scaled_error(gbf[2], g32[2]) <= PARAM_TOL
 
 
 def test_golden_fixtures_through_cpu_backend(fixtures_dir):

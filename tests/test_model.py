@@ -6,7 +6,16 @@ import pytest
 import torch
 
 import grl_kernels as G
+from grl_kernels.backends import registry
 from grl_kernels.models import GRL, PRESETS, build_preset, load_checkpoint, preset_kwargs
+
+from conftest import max_scaled_error
+
+
+def _cpu_backends(dtype):
+    """Available non-reference backends that take CPU tensors of ``dtype``."""
+    return [n for n in G.available_backends()
+            if n != "reference" and registry._REGISTRY[n].supports(torch.device("cpu"), dtype)]
 
 SMALL = dict(
     img_size=16, embed_dim=16, depths=[4], num_heads_window=[2], num_heads_stripe=[2], window_size=4,
@@ -78,15 +87,28 @@ def test_non_square_vertical_blocks_use_their_own_geometry():
     ],
 )
 def test_model_options(overrides):
+    """Shape, and the same numbers on every CPU backend as on the reference (float64, so any
+    index/mask/shift difference shows at O(1e-3) or more while the order of operations gives
+    ~1e-15; limit 1e-10 of max(1, |ref|))."""
     kw = {**SMALL, **overrides}
-    model = GRL(**kw)
+    model = GRL(**kw, backend="reference").double().eval()  # eval: no drop-path randomness
+    with torch.no_grad():  # logit scales spread up to and past the ln 100 clamp
+        for n, p in model.named_parameters():
+            if n.endswith("logit_scale"):
+                p.uniform_(1.0, 5.5)
     cin = kw.get("in_channels", 3)
     cout = kw.get("out_channels", cin)
-    x = torch.rand(2, cin, 12, 20)
-    y = model(x)
+    x = torch.rand(1, cin, 12, 20, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x)
     s = kw["upscale"] if kw["upsampler"] else 1
-    assert y.shape == (2, cout, 12 * s, 20 * s)
+    assert y.shape == (1, cout, 12 * s, 20 * s)
     assert torch.isfinite(y).all()
+    for name in _cpu_backends(torch.float64):
+        model.set_backend(name)
+        assert {m.backend for m in model.attention_modules()} == {name}
+        with torch.no_grad():
+            assert max_scaled_error(model(x), y) <= 1e-10, name
 
 
 @pytest.mark.parametrize(
@@ -116,14 +138,25 @@ def test_model_input_checked():
 
 
 def test_backend_selectable_for_whole_model():
-    model = GRL(**SMALL, backend="reference")
+    """set_backend / use_backend route every attention module: each backend's output is
+    reproduced bit for bit through the context manager, and differs (in rounding) from another's."""
+    model = GRL(**SMALL, backend="reference").eval()  # eval: no drop-path randomness
     assert {m.backend for m in model.attention_modules()} == {"reference"}
     x = torch.rand(1, 3, 8, 8)
-    y1 = model(x)
-    model.set_backend(None)
-    with G.use_backend("reference"):
-        y2 = model(x)
-    assert torch.equal(y1, y2)
+    with torch.no_grad():
+        outs = {"reference": model(x)}
+        for name in _cpu_backends(torch.float32):
+            model.set_backend(name)
+            assert {m.backend for m in model.attention_modules()} == {name}
+            outs[name] = model(x)
+        model.set_backend(None)
+        assert {m.backend for m in model.attention_modules()} == {None}
+        for name, y in outs.items():
+            with G.use_backend(name):
+                assert torch.equal(model(x), y), name
+            assert max_scaled_error(y, outs["reference"]) <= 1e-5, name
+            if name != "reference":  # really another code path (float32 rounding differs)
+                assert not torch.equal(y, outs["reference"]), name
     with pytest.raises(ValueError, match="unknown backend"):
         model.set_backend("nope")
 

@@ -307,6 +307,8 @@ def _cpu_backends(dtype):
 # tau up to 55) to a few 1e-2 (limit 1e-1 normwise; any wrong index/mask/shift gives O(1)
 # errors in float32/float64, which these dtypes pin down).
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-1}
+# bfloat16 epsilon 2^-7: slack for the 2x-of-published criterion below
+BF16_SLACK = 2.0 ** -7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -341,7 +343,9 @@ def test_patched_forward_really_replaced():
     model, x = _make()
     grl_kernels.patch(model, backend="reference")
     for b in model.blocks:
-        type(b.window_attn).forward  # the class attribute is untouched
+        # the instance gets its own forward; the class attribute is untouched
+        assert "forward" in b.window_attn.__dict__ and "forward" in b.stripe_attn.__dict__
+        assert type(b.window_attn).forward is StandinWindowAttention.forward
     called = []
     orig = StandinWindowAttention.forward
     try:
@@ -353,6 +357,28 @@ def test_patched_forward_really_replaced():
         assert len(called) == 4
     finally:
         StandinWindowAttention.forward = orig
+
+
+@pytest.mark.parametrize("backend", [b for b in _cpu_backends(torch.bfloat16) if b != "reference"])
+def test_bfloat16_model_level_every_backend(backend):
+    """A bfloat16 model patched with each CPU backend, judged like the kernels: against float64
+    on the same (rounded) weights and input, at most 2x the error of the published code run in
+    bfloat16 (the unpatched model), plus BF16_SLACK for tensors it happens to get very closely."""
+    model, x = _make(torch.bfloat16)
+    truth = copy.deepcopy(model).double()
+    want = _run(truth, x.double())
+    published = _run(model, x)
+    grl_kernels.patch(model, backend=backend)
+    got = _run(model, x)
+    assert got[0].dtype == torch.bfloat16
+
+    def norm_err(a, w):  # relative Frobenius error; parameter gradients taken as one vector
+        return ((a.double() - w).norm() / w.norm()).item()
+
+    flat = lambda g: torch.cat([g[n].double().flatten() for n in sorted(want[2])])  # noqa: E731
+    for label, a, p, w in (("out", got[0], published[0], want[0]), ("x", got[1], published[1], want[1]),
+                           ("params", flat(got[2]), flat(published[2]), flat(want[2]))):
+        assert norm_err(a, w) <= 2 * norm_err(p, w) + BF16_SLACK, (label, norm_err(a, w), norm_err(p, w))
 
 
 @pytest.mark.parametrize("backend", _cpu_backends(torch.float32))

@@ -8,10 +8,10 @@ Ground truth: grl_kernels.reference in float64 on the same inputs (16-bit inputs
 first, so the comparison measures the kernels' arithmetic, not the input rounding).
 
 Tolerances, as max|err| / max|expected| per tensor:
-- float32: 1e-4. The kernels accumulate in float32 in another order than the reference; logits
+- float32: 5e-5. The kernels accumulate in float32 in another order than the reference; logits
   reach |tau cos| + 16 + 100 ~ 2^8, so their rounding is ~2^8 * 6e-8 ~ 1e-5 relative to the
-  softmax inputs, and sums over up to N1 terms add a few 1e-6. Observed: <= 1e-5. An index,
-  shift or mask mistake gives O(1) errors.
+  softmax inputs, and sums over up to N1 terms add a few 1e-6. Observed: <= 1.4e-5 (the limit
+  was 1e-4, 7x that; now ~3.5x). An index, shift or mask mistake gives O(1) errors.
 - bfloat16 (u = 2^-9 ~ 2e-3) / float16 (u = 2^-12 ~ 2.4e-4): the products take P, Z, dS and dZ
   rounded to the input dtype and every result is rounded once more. Outputs: 3e-2 / 4e-3.
   Gradients: 1e-1 / 1.5e-2; the tau gradients are sums of dS * cos that cancel (rows of dS sum
@@ -34,8 +34,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the TRITON_INTERPRET=1 subprocess")
 
-FWD_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
-BWD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-1, torch.float16: 1.5e-2}
+FWD_TOL = {torch.float32: 5e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+BWD_TOL = {torch.float32: 5e-5, torch.bfloat16: 1e-1, torch.float16: 1.5e-2}
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="this is the driver of the interpreter subprocess")
@@ -79,7 +79,8 @@ STRIPE_CASES = {
     # head dim 1 and 128 (padding to 16, widest tile). With d = 1, cos = +-1: the anchor gradient
     # is 0 in exact arithmetic and tau1's is a cancelling sum, so errors are measured against 1
     # (absolute), as in conftest.max_scaled_error; the float32 reference is off by as much.
-    "head_dim_1": (1, (8, 16), (8, 8), (None, None), True, 2, 3, 1, dict(floor=1.0)),
+    # Observed 3.9e-5 (tau1), so this case keeps the float32 limit 1e-4.
+    "head_dim_1": (1, (8, 16), (8, 8), (None, None), True, 2, 3, 1, dict(floor=1.0, tol=1e-4)),
     "head_dim_128": (1, (8, 8), (8, 8), (None, None), False, 2, 1, 128, {}),
 }
 
@@ -98,13 +99,13 @@ def _split_opts(opts):
     return build, over, opts.get("floor", 1e-30)
 
 
-def _check(out, grads, ref_out, ref_grads, dtype, label, floor=1e-30):
+def _check(out, grads, ref_out, ref_grads, dtype, label, floor=1e-30, tol=None):
     errs = {"out": rel_err(out, ref_out, floor)}
     errs.update({k: rel_err(grads[k], ref_grads[k], floor) for k in ref_grads})
     print(label, {k: f"{v:.1e}" for k, v in errs.items()})
-    assert errs["out"] <= FWD_TOL[dtype], (label, errs)
+    assert errs["out"] <= (tol or FWD_TOL[dtype]), (label, errs)
     for k, v in errs.items():
-        assert v <= BWD_TOL[dtype], (label, k, errs)
+        assert v <= (tol or BWD_TOL[dtype]), (label, k, errs)
     return errs
 
 
@@ -122,7 +123,8 @@ def _stripe_check(name, dtype=torch.float32, deterministic=False):
         T.set_deterministic(None)
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert grads["qkv"].shape == inputs["qkv"].shape and grads["anchor"].shape == inputs["anchor"].shape
-    return _check(out, grads, ref_out, ref_grads, dtype, f"stripe {name} {dtype}", floor)
+    tol = opts.get("tol") if dtype == torch.float32 else None
+    return _check(out, grads, ref_out, ref_grads, dtype, f"stripe {name} {dtype}", floor, tol)
 
 
 def _window_check(name, dtype=torch.float32, deterministic=False):

@@ -59,7 +59,7 @@ __device__ __forceinline__ int64_t global_stride() {
   return static_cast<int64_t>(gridDim.x) * blockDim.x;
 }
 
-__device__ __forceinline__ float inv_norm(float n) { return 1.0f / fmaxf(n, kNormEps); }
+__device__ __forceinline__ float inv_norm(float n) { return 1.0f / fmaxf(n, float(kNormEps)); }
 
 // Load d elements (stride sc) scaled by `scale` into a register tile.
 template <typename T, int MAXD>
@@ -79,13 +79,13 @@ __device__ __forceinline__ float dot_row(const float (&a)[MAXD], const float (&b
 // dL/dx of x_hat = x / max(||x||, eps) given g = dL/dx_hat (in place).
 template <int MAXD>
 __device__ __forceinline__ void normalize_backward(float (&g)[MAXD], const float (&xhat)[MAXD], float n) {
-  if (n > kNormEps) {
+  if (n > float(kNormEps)) {
     const float dot = dot_row(xhat, g), inv = 1.0f / n;
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) g[c] = (g[c] - xhat[c] * dot) * inv;
   } else {
 #pragma unroll
-    for (int c = 0; c < MAXD; ++c) g[c] *= 1.0f / kNormEps;
+    for (int c = 0; c < MAXD; ++c) g[c] *= 1.0f / float(kNormEps);
   }
 }
 

@@ -21,9 +21,11 @@
 
 namespace grl {
 
-// The published mask constant (-100, not -inf) and F.normalize's epsilon.
+// The published mask constant (-100, not -inf) and F.normalize's epsilon. The epsilon is the
+// double torch uses: acc_t(kNormEps) rounds it to the accumulation type, as torch does
+// (1e-12f differs from 1e-12 by 2e-8 relative, which a float64 kernel would show).
 constexpr float kMaskValue = -100.0f;
-constexpr float kNormEps = 1e-12f;
+constexpr double kNormEps = 1e-12;
 
 // Band of position `pos` along a dimension of `size` cut in windows of `window`
 // with cyclic shift `shift` (geometry.region_band).

@@ -1,0 +1,195 @@
+"""Property-based tests: random geometries on every backend that takes CPU tensors, against
+the reference path (see docs/testing.md).
+
+Drawn: image sizes, stripe sizes or stripe groups per dimension, shift on/off, anchor down
+factor f in {1, 2, 4}, window sizes 1..7 (mostly not powers of two), 1..4 heads, head dims
+1..64 (odd included), batch 1..3, qkv as a channel slice of a wider tensor or stored batch-inner,
+anchors permuted or sliced, logit scales up to and past the ln 100 clamp, zero rows and rows
+below F.normalize's eps in q, k, v and the anchors. Checked: the output and the gradient of
+every input (qkv, anchor, both logit scales, both bias tables).
+
+- float64: each backend against the reference, scaled error (conftest.max_scaled_error, per
+  subset of rows, see fuzz_helpers.errors) <= 1e-10. Observed worst: 8e-13 (a wrong index,
+  mask, shift or normalization is O(1e-3) or larger).
+- float32 / bfloat16: ground truth is the reference in float64 on the same rounded inputs; a
+  backend may be at most 2x worse than the reference run in that dtype (both measured against
+  the float64 truth), plus a slack of a few units of roundoff (RATIO_SLACK) for tensors the
+  reference happens to get (almost) exactly.
+
+Budget: CI runs EXAMPLES (derandomized: the same examples every run); GRL_FUZZ_EXAMPLES=N
+multiplies every budget so that about N examples run in all, with fresh random examples
+(GRL_FUZZ_DERANDOMIZE=1 keeps them fixed). The Triton interpreter runs a smaller budget on
+smaller shapes in a TRITON_INTERPRET=1 subprocess (as tests/test_triton_interpreter.py).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+
+from fuzz_helpers import Stats, cpu_backends, errors, make_inputs, run_case, stripe_cases, window_cases
+
+IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# CI budget per test (main process; >= 300 examples in all) and in the interpreter subprocess
+EXAMPLES = {
+    ("stripe", torch.float64): 110, ("window", torch.float64): 70,
+    ("stripe", torch.float32): 45, ("window", torch.float32): 35,
+    ("stripe", torch.bfloat16): 35, ("window", torch.bfloat16): 25,
+}
+INTERP_EXAMPLES = {("stripe", torch.float32): 5, ("window", torch.float32): 4,
+                   ("stripe", torch.bfloat16): 3, ("window", torch.bfloat16): 3}
+_CI_TOTAL = sum(EXAMPLES.values())
+LONG = int(os.environ.get("GRL_FUZZ_EXAMPLES", "0"))
+
+# float64: the kernels and the reference differ only in summation order; observed <= 8.2e-13
+# (gradients of vectors below eps, "@tiny", included: 5.9e-14). 1e-10 is ~100x that and still
+# catches a float32-rounded eps (2e-8) as well as any index, mask or shift error (>= 1e-3).
+TOL64 = 1e-10
+# the backend may be 2x worse than the reference in the same dtype, plus an absolute slack for
+# tensors whose reference error is itself at the roundoff level, where 2x of it means nothing:
+# gradients that are zero in exact arithmetic (head dim 1, one anchor per window) come out as
+# noise ~ eps * tau / |x| in any implementation, and the logit-scale gradients are reductions
+# over every logit that cancel (rows of dS sum to 0). Observed float32 cases: 3.2e-6 vs the
+# reference's 2e-8 (qkv, d = 1, tau 55) and 5.9e-6 vs 8.7e-7 (logit scale, d = 1). Slack:
+# float32 1e-5 (~80 ulps at O(1)), bfloat16 3.1e-2 (4 eps); an index, mask or shift error is
+# >= 1e-3 in float32.
+RATIO = 2.0
+# Known deviation, reported (not hidden): under the interpreter the Triton kernels miss the 2x
+# bar on gradients that are long cancelling reductions (logit scales, bias tables, anchors) at
+# tau ~ 100: measured float32 3.6e-5 vs the reference's 3.9e-7 (logit scale, d = 1, rows below
+# eps), 2.4e-5 vs 5.9e-6 (anchor, f = 4); bfloat16 4.2e-2 vs 4.0e-3 (logit scale, window). For
+# Triton a tensor passes at 2x the reference's error OR within the fixed limits of
+# tests/test_triton_interpreter.py (float32 5e-5, bfloat16 1e-1); every other backend is held
+# to 2x.
+KNOWN_LIMIT = {("triton", torch.float32): 5e-5, ("triton", torch.bfloat16): 1e-1}
+RATIO_SLACK = {torch.float32: 1e-5, torch.bfloat16: 4 * 7.8e-3}
+
+STATS = Stats()
+
+
+def _settings(kind, dtype, interp=False):
+    n = (INTERP_EXAMPLES if interp else EXAMPLES)[(kind, dtype)]
+    derandomize = True
+    if LONG:
+        n = max(n, round(n * LONG / _CI_TOTAL))
+        derandomize = os.environ.get("GRL_FUZZ_DERANDOMIZE", "0") == "1"
+    # GRL_FUZZ_NO_SHRINK=1 (scripts/mutation_check.py): report the first failing example as found
+    # (and always in the interpreter, where one example takes seconds)
+    no_shrink = interp or os.environ.get("GRL_FUZZ_NO_SHRINK") == "1"
+    phases = [Phase.explicit, Phase.generate] if no_shrink else list(Phase)
+    return settings(max_examples=n, derandomize=derandomize, deadline=None, database=None, print_blob=True,
+                    phases=phases,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                           HealthCheck.filter_too_much])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dump_stats():
+    yield
+    STATS.dump()
+
+
+def _backends(dtype):
+    names = cpu_backends(dtype)
+    if IN_INTERPRETER:
+        names = [n for n in names if n == "triton"]
+    return names
+
+
+def _check_float64(case):
+    names = _backends(torch.float64)
+    if not names:
+        pytest.skip("no backend other than the reference takes float64 CPU tensors")
+    values = make_inputs(case, torch.float64)
+    want = run_case(case, values, "reference", torch.float64)
+    for name in names:
+        errs = errors(run_case(case, values, name, torch.float64), want, values, case)
+        STATS.add(f"{name}/float64/{case['kind']}", errs, case=case)
+        bad = {k: v for k, v in errs.items() if not v <= TOL64}
+        assert not bad, (name, case, errs)
+
+
+def _check_low(case, dtype):
+    names = _backends(dtype)
+    if not names:
+        pytest.skip(f"no backend other than the reference takes {dtype} CPU tensors")
+    values = make_inputs(case, dtype)  # activations rounded to dtype, kept as float64
+    truth = run_case(case, values, "reference", torch.float64)
+    ref_errs = errors(run_case(case, values, "reference", dtype), truth, values, case)
+    for name in names:
+        errs = errors(run_case(case, values, name, dtype), truth, values, case)
+        limit = {k: max(RATIO * ref_errs[k] + RATIO_SLACK[dtype], KNOWN_LIMIT.get((name, dtype), 0.0))
+                 for k in errs}
+        ratios = {k: errs[k] / max(ref_errs[k], RATIO_SLACK[dtype]) for k in errs}
+        STATS.add(f"{name}/{str(dtype).split('.')[1]}/{case['kind']}", errs, ratios, case)
+        bad = {k: (errs[k], ref_errs[k]) for k in errs if not errs[k] <= limit[k]}
+        assert not bad, (name, str(dtype), case, "backend vs reference errors", bad)
+
+
+if not IN_INTERPRETER:
+    @_settings("stripe", torch.float64)
+    @given(case=stripe_cases())
+    def test_fuzz_stripe_float64(case):
+        _check_float64(case)
+
+    @_settings("window", torch.float64)
+    @given(case=window_cases())
+    def test_fuzz_window_float64(case):
+        _check_float64(case)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+    def test_fuzz_stripe_low_precision(dtype):
+        @_settings("stripe", dtype)
+        @given(case=stripe_cases(max_d=48, max_tokens=192))
+        def run(case):
+            _check_low(case, dtype)
+        run()
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+    def test_fuzz_window_low_precision(dtype):
+        @_settings("window", dtype)
+        @given(case=window_cases(max_d=48, max_tokens=192))
+        def run(case):
+            _check_low(case, dtype)
+        run()
+
+    @pytest.mark.skipif(os.environ.get("GRL_FUZZ_INTERPRETER", "1") == "0", reason="GRL_FUZZ_INTERPRETER=0")
+    def test_fuzz_triton_interpreter():
+        """Drives the interpreter cases below in a TRITON_INTERPRET=1 subprocess."""
+        pytest.importorskip("triton")
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", str(pathlib.Path(__file__))]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        print(r.stdout[-6000:])
+        assert r.returncode == 0, f"interpreter fuzz failed (rc {r.returncode}):\n{r.stdout[-8000:]}\n{r.stderr[-3000:]}"
+        m = re.search(r"(\d+) passed", r.stdout)
+        assert m and int(m.group(1)) == 4, r.stdout[-2000:]  # every interpreter test ran, none skipped
+else:
+    # small shapes: the interpreter runs every program instance in Python
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+    def test_interp_fuzz_stripe(dtype):
+        assert _backends(dtype) == ["triton"]
+
+        @_settings("stripe", dtype, interp=True)
+        @given(case=stripe_cases(max_d=16, max_tokens=32, max_batch=2))
+        def run(case):
+            _check_low(case, dtype)
+        run()
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+    def test_interp_fuzz_window(dtype):
+        assert _backends(dtype) == ["triton"]
+
+        @_settings("window", dtype, interp=True)
+        @given(case=window_cases(max_d=16, max_tokens=32, max_batch=2))
+        def run(case):
+            _check_low(case, dtype)
+        run()
