@@ -15,7 +15,6 @@ with tau (nh,) and bias tables transposed to (nh, R), contiguous in the accumula
 nothing for windows; the CUDA state is (Z, lse1, lse2, |q|, |k|, |a|) / (lse, |q|, |k|).
 The ops return a fixed number of tensors, padding with empty ones.
 """
-from __future__ import annotations
 
 from typing import List, Tuple
 
