@@ -147,17 +147,3 @@ def logits(xr, sr, xc, ic, bias_ptr, r, idr, idc, vr, vc, PREC: tl.constexpr):
     s += tl.load(bias_ptr + r, mask=vr[:, None] & vc[None, :], other=0.0)
     s = tl.where(idr[:, None] != idc[None, :], s + MASK_LOG2, s)
     return tl.where(vc[None, :], s, float("-inf")), raw
-
-
-@triton.jit
-def bias_grad_add(ptr, r, ds, mask, fx, DETERMINISTIC: tl.constexpr):
-    """Scatter-add dS into the (nh, R) bias-gradient buffer at table rows ``r``.
-
-    DETERMINISTIC: int64 fixed point (value * fx, fx a power of two chosen by the host so no
-    partial sum can overflow); integer adds commute, so the bits do not depend on the order.
-    Otherwise float32 atomics.
-    """
-    if DETERMINISTIC:
-        tl.atomic_add(ptr + r, (ds * fx).to(tl.int64), mask=mask, sem="relaxed")
-    else:
-        tl.atomic_add(ptr + r, ds, mask=mask, sem="relaxed")

@@ -2,9 +2,9 @@
 
 Entry points (tensors in, tensors out; no autograd here, see autograd.py):
     stripe_forward(qkv, anchor, geom, nh, scale1, bias1, scale2, bias2) -> (out, z, lse1, lse2)
-    stripe_backward(grad, qkv, anchor, geom, nh, scale1, bias1, scale2, bias2, out, z, lse1, lse2, det)
+    stripe_backward(grad, qkv, anchor, geom, nh, scale1, bias1, scale2, bias2, out, z, lse1, lse2)
     window_forward(qkv, geom, nh, scale, bias) -> (out, lse)
-    window_backward(grad, qkv, geom, nh, scale, bias, out, lse, det)
+    window_backward(grad, qkv, geom, nh, scale, bias, out, lse)
 ``geom`` is a StripeGeometry / WindowGeometry. ``scale*`` are tau (nh,), ``bias*`` the
 (R, nh) tables 16*sigmoid(T), in any floating dtype (used in float32).
 
@@ -29,7 +29,7 @@ from .config import head_pad
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Test hook: {"BM": int, "BN": int, "splits": int} forces block sizes / split counts.
+# Test hook: {"BM": int, "BN": int, "splits": int, "bias_groups": int} forces block sizes / split counts.
 _OVERRIDE: Dict[str, int] = {}
 _recorder: Optional[List[dict]] = None
 
@@ -76,15 +76,18 @@ def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype) -
     """Block sizes for a kernel whose programs own ``rows`` and loop over ``cols``.
 
     kind "fwd": one score tile, one P@V; "bwd": score, dP, dS and two or three products
-    per tile, so narrower column blocks. fp32 inputs use exact (ieee) products: smaller tiles.
+    per tile, so narrower column blocks; "bias": score and dP, plus the dS accumulator tile. fp32 inputs use exact (ieee) products: smaller tiles.
     """
     wide = dtype != torch.float32
     if kind == "fwd":
         bm = 64 if (D <= 64 or wide) else 32
         bn = 64 if (D <= 64 and wide) else 32
-    else:
+    elif kind == "bwd":
         bm = 64 if D <= 64 else 32
         bn = 64 if (D <= 32 and wide) else 32
+    else:  # "bias": two products per tile and a float32 accumulator tile
+        bm = 64 if D <= 64 else 32
+        bn = 64 if (D <= 64 and wide) else 32
     bm = _OVERRIDE.get("BM", min(bm, _p2(rows)))
     bn = _OVERRIDE.get("BN", min(bn, _p2(cols)))
     return Config(bm, bn)  # 4 warps, 2 stages: FlashAttention-2's choice for 64-row tiles (untuned here)
@@ -170,24 +173,36 @@ def window_geo_args(g: WindowGeometry, nh: int, d: int) -> tuple:
     return (g.H, g.W, g.ws, g.shift, g.windows_w, g.num_windows, nh, d, nh * d, g.n, g.table_side, g.table_rows)
 
 
-def _fixed_point_scale(bound: torch.Tensor) -> torch.Tensor:
-    """Power-of-two scale s with bound * s <= 2^61: int64 partial sums of |terms| <= bound cannot overflow."""
-    e = torch.ceil(torch.log2(torch.nan_to_num(bound.float(), nan=1.0, posinf=1e30).clamp_min(1e-30)))
-    return torch.exp2((61.0 - e).clamp(-120.0, 120.0)).reshape(1)
+def _bias_groups(device, n_win: int, tiles_per_head: int, nh: int, cells: int) -> Tuple[int, int]:
+    """(groups, windows per group) of a bias-gradient partial kernel: about 4 programs per SM
+    (each loops over its group's windows), and at most ~64M float32 partials (256 MB)."""
+    if "bias_groups" in _OVERRIDE:
+        want = _OVERRIDE["bias_groups"]
+    else:
+        want = math.ceil(4 * _num_sms(device) / max(1, tiles_per_head * nh))
+        want = min(want, max(1, (64 << 20) // max(1, nh * cells)))
+    want = max(1, min(want, n_win))
+    per = math.ceil(n_win / want)
+    return math.ceil(n_win / per), per
 
 
-def _bias_grad_buffer(nh: int, R: int, device, deterministic: bool) -> torch.Tensor:
-    return torch.zeros((nh, R), dtype=torch.int64 if deterministic else torch.float32, device=device)
-
-
-def _bias_grad_result(buf: torch.Tensor, fx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if buf.dtype == torch.int64:
-        buf = (buf.to(torch.float64) / fx.to(torch.float64)).to(torch.float32)
-    return buf.t().to(like.dtype).contiguous()
-
-
-def _row_norms(x: torch.Tensor, B: int, L: int, nh: int, d: int) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.reshape(B, L, nh, d), dim=-1, dtype=torch.float32)
+def _bias_grad(partial: str, ptrs: tuple, strides: tuple, geo: tuple, n_win: int, nh: int, rows: int, cols: int, D: int,
+               dtype, prec: str, bin_geo: tuple, R: int, like: torch.Tensor, device) -> torch.Tensor:
+    """Bias-table gradient (R, nh) in like.dtype: the partial kernel ``partial`` (rows x cols tiles,
+    summed over the windows of a group), the group sum in torch, then bias_grad_reduce."""
+    c = choose_config("bias", rows, cols, D, dtype)
+    rb, cb = -(-rows // c.BM), -(-cols // c.BN)
+    groups, per = _bias_groups(device, n_win, rb * cb, nh, rows * cols)
+    gp = torch.empty((groups, nh, rows, cols), dtype=torch.float32, device=device)
+    _launch(partial, (groups * nh, rb, cb), (*ptrs, gp, *strides, *geo, per, n_win),
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec), c, device)
+    g = gp.sum(0) if groups > 1 else gp[0]
+    del gp
+    db = torch.empty((nh, R), dtype=torch.float32, device=device)
+    rh, rw, ch, cw, oy, ox, Rw = bin_geo
+    bv = Config(1, min(64, _p2(min(rw, cw))), num_warps=1)
+    _launch("bias_grad_reduce", (nh * R,), (g, db, rh, rw, ch, cw, oy, ox, Rw, R), dict(BV=bv.BN), bv, device)
+    return db.t().to(like.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------
@@ -233,8 +248,7 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
     return out, z, lse1, lse2
 
 
-def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale2, bias2, out, z, lse1, lse2,
-                    deterministic: bool):
+def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale2, bias2, out, z, lse1, lse2):
     B, L, C, d = _check_inputs(qkv, nh)
     D = head_pad(d)
     dev = qkv.device
@@ -247,26 +261,22 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     b1, b2 = _bias_arg(bias1), _bias_arg(bias2)
     qs, as_, os_, gs = qkv.stride(), anchor.stride(), out.stride(), grad.stride()
     R = g.table_rows
-    cdt = dict(DETERMINISTIC=bool(deterministic))
 
     dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
     danchor = torch.empty(anchor.shape, dtype=anchor.dtype, device=dev)
-    one = torch.ones(1, dtype=torch.float32, device=dev)
 
-    # 1. tokens, stage 2: Delta2, dq, tau2 and bias2 gradients
+    # 1. tokens, stage 2: Delta2, dq, tau2 gradient
     ct = choose_config("bwd", N1, N2, D, qkv.dtype)
     tblocks = -(-N1 // ct.BM)
     delta2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
-    dbias2 = _bias_grad_buffer(nh, R, dev, deterministic)
     dtau2 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
-    fx2 = one
-    if deterministic:  # sum_i |dS2[j, i]| <= 2 |dY_j| max|Z|
-        bound = 2 * _row_norms(grad, B, L, nh, d).sum() * torch.linalg.vector_norm(z, dim=-1).max()
-        fx2 = _fixed_point_scale(bound)
     _launch("stripe_bwd_tokens2", (BWH, tblocks),
-            (qkv, anchor, s2, b2, z, out, grad, lse2, delta2, dqkv, dbias2, dtau2, fx2,
+            (qkv, anchor, s2, b2, z, out, grad, lse2, delta2, dqkv, dtau2,
              *qs, *as_, *os_, *gs, *dqkv.stride(), *geo),
-            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **cdt), ct, dev)
+            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec), ct, dev)
+    dbias2 = _bias_grad("stripe_bwd_bias2_partial", (qkv, anchor, s2, b2, z, grad, lse2, delta2), (*qs, *as_, *gs),
+                        geo, B * nW, nh, N1, N2, D, qkv.dtype, prec, (g.sh, g.sw, g.ah, g.aw, g.ah - 1, g.aw - 1,
+                                                                       g.table_w), R, bias2, dev)
 
     # 2. anchors, stage 2: dZ and the stage-2 part of d(a_hat), split over token blocks
     ca = choose_config("bwd", N2, N1, D, qkv.dtype)
@@ -292,21 +302,18 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     _launch("stripe_bwd_anchor_finalize", (BWH, -(-N2 // cf.BM)),
             (anchor, dah, danchor, *as_, *danchor.stride(), *geo), dict(D=D, BM=cf.BM), cf, dev)
 
-    # 4. tokens, stage 1: dk, dv, tau1 and bias1 gradients
-    dbias1 = _bias_grad_buffer(nh, R, dev, deterministic)
+    # 4. tokens, stage 1: dk, dv, tau1 gradient; then the bias1 gradient
     dtau1 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
-    fx1 = one
-    if deterministic:  # sum_j |dS1[i, j]| <= 2 |dZ_i| max|v|
-        vmax = _row_norms(qkv[..., 2 * C:], B, L, nh, d).max()
-        fx1 = _fixed_point_scale(2 * torch.linalg.vector_norm(dz, dim=-1).sum() * vmax)
     _launch("stripe_bwd_tokens1", (BWH, tblocks),
-            (qkv, anchor, s1, b1, dz, delta1, lse1, dqkv, dbias1, dtau1, fx1, *qs, *as_, *dqkv.stride(), *geo),
-            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **cdt), ct, dev)
+            (qkv, anchor, s1, b1, dz, delta1, lse1, dqkv, dtau1, *qs, *as_, *dqkv.stride(), *geo),
+            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec), ct, dev)
+    dbias1 = _bias_grad("stripe_bwd_bias1_partial", (qkv, anchor, s1, b1, dz, lse1, delta1), (*qs, *as_),
+                        geo, B * nW, nh, N2, N1, D, qkv.dtype, prec, (g.ah, g.aw, g.sh, g.sw, g.sh - 1, g.sw - 1,
+                                                                       g.table_w), R, bias1, dev)
 
     dscale1 = dtau1.view(B * nW, nh, tblocks).sum((0, 2)).to(scale1.dtype).reshape(scale1.shape)
     dscale2 = dtau2.view(B * nW, nh, tblocks).sum((0, 2)).to(scale2.dtype).reshape(scale2.shape)
-    return (dqkv, danchor, dscale1, _bias_grad_result(dbias1, fx1, bias1), dscale2,
-            _bias_grad_result(dbias2, fx2, bias2))
+    return dqkv, danchor, dscale1, dbias1, dscale2, dbias2
 
 
 # ---------------------------------------------------------------------------
@@ -328,7 +335,7 @@ def window_forward(qkv, g: WindowGeometry, nh: int, scale, bias):
     return out, lse
 
 
-def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse, deterministic: bool):
+def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse):
     B, L, C, d = _check_inputs(qkv, nh)
     D = head_pad(d)
     dev = qkv.device
@@ -340,20 +347,20 @@ def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse
     sc, bi = _scale_arg(scale), _bias_arg(bias)
     dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
     delta = torch.empty((BWH, N), dtype=torch.float32, device=dev)
-    dbias = _bias_grad_buffer(nh, g.table_rows, dev, deterministic)
     c = choose_config("bwd", N, N, D, qkv.dtype)
     qblocks = -(-N // c.BM)
     dtau = torch.empty((BWH, qblocks), dtype=torch.float32, device=dev)
-    fx = torch.ones(1, dtype=torch.float32, device=dev)
-    if deterministic:  # sum_k |dS[q, k]| <= 2 |dO_q| max|v|
-        vmax = _row_norms(qkv[..., 2 * C:], B, L, nh, d).max()
-        fx = _fixed_point_scale(2 * _row_norms(grad, B, L, nh, d).sum() * vmax)
     _launch("window_bwd_dq", (BWH, qblocks),
-            (qkv, sc, bi, out, grad, lse, delta, dqkv, dbias, dtau, fx,
+            (qkv, sc, bi, out, grad, lse, delta, dqkv, dtau,
              *qkv.stride(), *out.stride(), *grad.stride(), *dqkv.stride(), *geo),
-            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, DETERMINISTIC=bool(deterministic)), c, dev)
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec), c, dev)
     _launch("window_bwd_dkv", (BWH, qblocks),
             (qkv, sc, bi, grad, lse, delta, dqkv, *qkv.stride(), *grad.stride(), *dqkv.stride(), *geo),
             dict(D=D, BM=c.BM, BN=c.BN, PREC=prec), c, dev)
+    ws = g.ws
+    dbias = _bias_grad("window_bwd_bias_partial", (qkv, sc, bi, grad, lse, delta),
+                       (*qkv.stride(), *grad.stride()),
+                       geo, B * nW, nh, N, N, D, qkv.dtype, prec, (ws, ws, ws, ws, ws - 1, ws - 1, g.table_side),
+                       g.table_rows, bias, dev)
     dscale = dtau.view(B * nW, nh, qblocks).sum((0, 2)).to(scale.dtype).reshape(scale.shape)
-    return dqkv, dscale, _bias_grad_result(dbias, fx, bias)
+    return dqkv, dscale, dbias

@@ -5,15 +5,15 @@ log-sum-exps of both stages (log2 units). With P2 = softmax(S2), Y = P2 Z and
 P1 = softmax(S1), Z = P1 V, and dS = P * (dP - rowsum(dO * O)):
 
 1. ``stripe_bwd_tokens2`` (token blocks, loop over anchors): Delta2 = rowsum(dY * Y),
-   dq, the tau2 partials and the bias2 gradient (scatter by table row).
+   dq and the tau2 partials.
 2. ``stripe_bwd_anchors2`` (anchor blocks x token splits): dZ = P2^T dY and the
    stage-2 part of d(a_hat); partials per split, summed on the host.
 3. (host) dZ = sum of splits, Delta1 = rowsum(dZ * Z).
 4. ``stripe_bwd_anchors1`` (anchor blocks x token splits): stage-1 part of d(a_hat).
 5. ``stripe_bwd_anchor_finalize``: d(a_hat) -> d(anchor) through F.normalize, scattered
    to (B, H/f, W/f, C).
-6. ``stripe_bwd_tokens1`` (token blocks, loop over anchors): dk, dv, the tau1 partials
-   and the bias1 gradient.
+6. ``stripe_bwd_tokens1`` (token blocks, loop over anchors): dk, dv and the tau1 partials.
+7. the bias-table gradients of both stages: bias_grad.py (partials per tile, no atomics).
 
 The query/key/anchor gradients are accumulated against the normalised vectors and taken
 through F.normalize's backward per row at the end; no N1 x N2 map is ever stored.
@@ -22,17 +22,17 @@ import triton
 import triton.language as tl
 
 from .common import (
-    EPS, LOG2E, bias_grad_add, decode_bwh, grid_tile, inv_norm, load_rows, load_ws, logits, mma,
+    EPS, LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, load_ws, logits, mma,
     normalize_bwd, row_norm, unit_rows, store_rows, store_ws,
 )
 
 
 @triton.jit
 def stripe_bwd_tokens2(
-    QKV, ANC, SCALE, BIAS, Z, OUT, DOUT, LSE, DELTA, DQKV, DBIAS, DTAU, FX,
+    QKV, ANC, SCALE, BIAS, Z, OUT, DOUT, LSE, DELTA, DQKV, DTAU,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_ob, s_ol, s_oc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
     H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -42,8 +42,6 @@ def stripe_bwd_tokens2(
     anc_b = ANC + b64 * s_ab
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
-    dbias_h = DBIAS + h * R
-    fx = tl.load(FX)
 
     j = pid_m * BM + tl.arange(0, BM)
     vj = j < N1
@@ -76,7 +74,6 @@ def stripe_bwd_tokens2(
         ds = p * (dp - delta[:, None])
         dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nq
         dqh += mma(ds.to(DT), unit_rows(a, inv_na, DT), PREC)
-        bias_grad_add(dbias_h, r, ds, vj[:, None] & vi[None, :], fx, DETERMINISTIC)
 
     dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
     store_rows(DQKV + b64 * s_db, tpos * s_dl, h * d, s_dc, d, vj, dq, D)
@@ -212,10 +209,10 @@ def stripe_bwd_anchor_finalize(
 
 @triton.jit
 def stripe_bwd_tokens1(
-    QKV, ANC, SCALE, BIAS, DZ, DELTA, LSE, DQKV, DBIAS, DTAU, FX,
+    QKV, ANC, SCALE, BIAS, DZ, DELTA, LSE, DQKV, DTAU,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_db, s_dl, s_dc,
     H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -225,8 +222,6 @@ def stripe_bwd_tokens1(
     anc_b = ANC + b64 * s_ab
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
-    dbias_h = DBIAS + h * R
-    fx = tl.load(FX)
 
     j = pid_m * BM + tl.arange(0, BM)
     vj = j < N1
@@ -260,7 +255,6 @@ def stripe_bwd_tokens1(
         ds = p * (dp - delta[None, :])
         dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nk
         dkh += mma(ds.to(DT), unit_rows(a, inv_na, DT), PREC)
-        bias_grad_add(dbias_h, r, ds, vj[:, None] & vi[None, :], fx, DETERMINISTIC)
 
     dk = normalize_bwd(k, inv_nk, nk, dkh * tau)
     dqkv_b = DQKV + b64 * s_db

@@ -1,24 +1,24 @@
 """Backward kernels of window attention (FlashAttention-2 style, from the saved log-sum-exp).
 
-``window_bwd_dq`` (query blocks, loop over keys): Delta = rowsum(dO * O), dq, the tau
-partials and the bias-table gradient. ``window_bwd_dkv`` (key blocks, loop over queries,
+``window_bwd_dq`` (query blocks, loop over keys): Delta = rowsum(dO * O), dq and the tau
+partials (the bias-table gradient: bias_grad.py, without atomics). ``window_bwd_dkv`` (key blocks, loop over queries,
 after the first kernel so Delta is complete): dk and dv.
 """
 import triton
 import triton.language as tl
 
 from .common import (
-    EPS, LOG2E, bias_grad_add, decode_bwh, grid_tile, inv_norm, load_rows, logits, mma, normalize_bwd,
+    EPS, LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, logits, mma, normalize_bwd,
     row_norm, store_rows, unit_rows,
 )
 
 
 @triton.jit
 def window_bwd_dq(
-    QKV, SCALE, BIAS, OUT, DOUT, LSE, DELTA, DQKV, DBIAS, DTAU, FX,
+    QKV, SCALE, BIAS, OUT, DOUT, LSE, DELTA, DQKV, DTAU,
     s_qb, s_ql, s_qc, s_ob, s_ol, s_oc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
     H, W, ws, t, nWw, nW, nh, d, C, N, Rw, R,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -28,8 +28,6 @@ def window_bwd_dq(
     qkv_b = QKV + b64 * s_qb
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
-    dbias_h = DBIAS + h * R
-    fx = tl.load(FX)
 
     j = pid_m * BM + tl.arange(0, BM)
     vq = j < N
@@ -63,7 +61,6 @@ def window_bwd_dq(
         ds = p * (dp - delta[:, None])
         dtau += tl.sum(ds * raw * inv_nk[None, :], 1) * inv_nq
         dqh += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
-        bias_grad_add(dbias_h, r, ds, vq[:, None] & vk[None, :], fx, DETERMINISTIC)
 
     dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
     store_rows(DQKV + b64 * s_db, qpos * s_dl, h * d, s_dc, d, vq, dq, D)

@@ -1,0 +1,187 @@
+"""Bias-table gradients without atomics: per-tile partials summed over windows, then binned.
+
+The relative index of a (row, column) pair depends only on their in-window positions, never on
+the window, so dB[h, r] = sum over windows w and pairs (j, k) with r(j, k) = r of dS[w, h, j, k].
+Two steps, both in a fixed order (the result has the same bits on every run):
+
+1. ``*_bias_partial`` (grid: window groups x heads, row blocks, column blocks): a program owns one
+   (row block, column block) tile of one head and loops over the windows of its group,
+   recomputing P and dS of the tile (two products) and adding dS into a float32 register tile;
+   it stores the tile once into GP (groups, nh, rows, cols). The host sums the groups.
+2. ``bias_grad_reduce`` (grid: nh x table rows): table row r = (ry, rx) is the sum of G[h, j, k]
+   over the pairs with u - y = ry - oy, v - x = rx - ox (row j = (u, v) on a rh x rw window,
+   column k = (y, x) on a ch x cw window); those j form a rectangle, walked row by row with
+   vectors along v (addresses of consecutive v are Nc + 1 apart).
+
+Rows are the softmax rows: queries (window), tokens (stripe stage 2), anchors (stripe stage 1).
+"""
+import triton
+import triton.language as tl
+
+from .common import grid_tile, inv_norm, load_rows, load_ws, logits, mma
+
+
+@triton.jit
+def window_bwd_bias_partial(
+    QKV, SCALE, BIAS, DOUT, LSE, DELTA, GP,
+    s_qb, s_ql, s_qc, s_gb, s_gl, s_gc,
+    H, W, ws, t, nWw, nW, nh, d, C, N, Rw, R,
+    win_per_group, n_win,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = pid % nh
+    grp = pid // nh
+    DT = QKV.dtype.element_ty
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+    j = tl.program_id(1) * BM + tl.arange(0, BM)
+    jk = tl.program_id(2) * BN + tl.arange(0, BN)
+    vq = j < N
+    vk = jk < N
+    g = tl.zeros([BM, BN], tl.float32)
+    w0 = grp * win_per_group
+    for w in range(w0, tl.minimum(w0 + win_per_group, n_win)):
+        b = w // nW
+        wy = (w % nW) // nWw
+        wx = (w % nW) % nWw
+        b64 = tl.cast(b, tl.int64)
+        qkv_b = QKV + b64 * s_qb
+        qy, qx, qr, qc, qid = grid_tile(j, wy, wx, ws, ws, H, W, t, t, t, t)
+        ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
+        qoff = (qr.to(tl.int64) * W + qc)
+        koff = (kr.to(tl.int64) * W + kc) * s_ql
+        q = load_rows(qkv_b, qoff * s_ql, h * d, s_qc, d, vq, D)
+        k = load_rows(qkv_b, koff, C + h * d, s_qc, d, vk, D)
+        v = load_rows(qkv_b, koff, 2 * C + h * d, s_qc, d, vk, D)
+        do = load_rows(DOUT + b64 * s_gb, qoff * s_gl, h * d, s_gc, d, vq, D).to(DT)
+        row = (tl.cast(w, tl.int64) * nh + h) * N + j
+        lse = tl.load(LSE + row, mask=vq, other=0.0)
+        delta = tl.load(DELTA + row, mask=vq, other=0.0)
+        r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
+        s, _ = logits(q, inv_norm(q) * (tau * 1.4426950408889634), k, inv_norm(k), bias_h, r, qid, kid, vq, vk,
+                      PREC)
+        p = tl.exp2(s - lse[:, None])
+        dp = mma(do, tl.trans(v), PREC)
+        g += p * (dp - delta[:, None])
+    gp = GP + ((grp * nh + h).to(tl.int64) * N + j[:, None]) * N + jk[None, :]
+    tl.store(gp, g, mask=vq[:, None] & vk[None, :])
+
+
+@triton.jit
+def stripe_bwd_bias2_partial(
+    QKV, ANC, SCALE, BIAS, Z, DOUT, LSE, DELTA, GP,
+    s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_gb, s_gl, s_gc,
+    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    win_per_group, n_win,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """Stage 2: rows = tokens (softmax over anchors, values Z), columns = anchors. G is (N1, N2)."""
+    pid = tl.program_id(0)
+    h = pid % nh
+    grp = pid // nh
+    DT = QKV.dtype.element_ty
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+    j = tl.program_id(1) * BM + tl.arange(0, BM)
+    i = tl.program_id(2) * BN + tl.arange(0, BN)
+    vj = j < N1
+    vi = i < N2
+    g = tl.zeros([BM, BN], tl.float32)
+    w0 = grp * win_per_group
+    for w in range(w0, tl.minimum(w0 + win_per_group, n_win)):
+        b = w // nW
+        wy = (w % nW) // nWw
+        wx = (w % nW) % nWw
+        b64 = tl.cast(b, tl.int64)
+        bwh = tl.cast(w, tl.int64) * nh + h
+        ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
+        au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
+        tpos = tr.to(tl.int64) * W + tc
+        q = load_rows(QKV + b64 * s_qb, tpos * s_ql, h * d, s_qc, d, vj, D)
+        a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+        do = load_rows(DOUT + b64 * s_gb, tpos * s_gl, h * d, s_gc, d, vj, D).to(DT)
+        z = load_ws(Z, bwh * N2 + i, vi, D).to(DT)
+        lse = tl.load(LSE + bwh * N1 + j, mask=vj, other=0.0)
+        delta = tl.load(DELTA + bwh * N1 + j, mask=vj, other=0.0)
+        r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
+        s, _ = logits(q, inv_norm(q) * (tau * 1.4426950408889634), a, inv_norm(a), bias_h, r, tid, aid, vj, vi,
+                      PREC)
+        p = tl.exp2(s - lse[:, None])
+        dp = mma(do, tl.trans(z), PREC)
+        g += p * (dp - delta[:, None])
+    gp = GP + ((grp * nh + h).to(tl.int64) * N1 + j[:, None]) * N2 + i[None, :]
+    tl.store(gp, g, mask=vj[:, None] & vi[None, :])
+
+
+@triton.jit
+def stripe_bwd_bias1_partial(
+    QKV, ANC, SCALE, BIAS, DZ, LSE, DELTA, GP,
+    s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac,
+    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    win_per_group, n_win,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+):
+    """Stage 1: rows = anchors (softmax over tokens, values v, upstream dZ), columns = tokens. G is (N2, N1)."""
+    pid = tl.program_id(0)
+    h = pid % nh
+    grp = pid // nh
+    DT = QKV.dtype.element_ty
+    tau = tl.load(SCALE + h).to(tl.float32)
+    bias_h = BIAS + h * R
+    i = tl.program_id(1) * BM + tl.arange(0, BM)
+    j = tl.program_id(2) * BN + tl.arange(0, BN)
+    vi = i < N2
+    vj = j < N1
+    g = tl.zeros([BM, BN], tl.float32)
+    w0 = grp * win_per_group
+    for w in range(w0, tl.minimum(w0 + win_per_group, n_win)):
+        b = w // nW
+        wy = (w % nW) // nWw
+        wx = (w % nW) % nWw
+        b64 = tl.cast(b, tl.int64)
+        bwh = tl.cast(w, tl.int64) * nh + h
+        au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
+        ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
+        toff = (tr.to(tl.int64) * W + tc) * s_ql
+        qkv_b = QKV + b64 * s_qb
+        a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+        k = load_rows(qkv_b, toff, C + h * d, s_qc, d, vj, D)
+        v = load_rows(qkv_b, toff, 2 * C + h * d, s_qc, d, vj, D)
+        dz = load_ws(DZ, bwh * N2 + i, vi, D).to(DT)
+        lse = tl.load(LSE + bwh * N2 + i, mask=vi, other=0.0)
+        delta = tl.load(DELTA + bwh * N2 + i, mask=vi, other=0.0)
+        r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
+        s, _ = logits(a, inv_norm(a) * (tau * 1.4426950408889634), k, inv_norm(k), bias_h, r, aid, tid, vi, vj,
+                      PREC)
+        p = tl.exp2(s - lse[:, None])
+        dp = mma(dz, tl.trans(v), PREC)
+        g += p * (dp - delta[:, None])
+    gp = GP + ((grp * nh + h).to(tl.int64) * N2 + i[:, None]) * N1 + j[None, :]
+    tl.store(gp, g, mask=vi[:, None] & vj[None, :])
+
+
+@triton.jit
+def bias_grad_reduce(G, DB, rh, rw, ch, cw, oy, ox, Rw, R, BV: tl.constexpr):
+    """DB[h, r] = sum of G[h, j, k] over the pairs of table row r (see the module docstring)."""
+    pid = tl.program_id(0)
+    h = pid // R
+    r = pid % R
+    ry = r // Rw
+    rx = r % Rw
+    u0 = tl.maximum(ry - oy, 0)
+    u1 = tl.minimum(ry - oy + ch, rh)
+    v0 = tl.maximum(rx - ox, 0)
+    v1 = tl.minimum(rx - ox + cw, rw)
+    Nr = rh * rw
+    Nc = ch * cw
+    base = G + h.to(tl.int64) * Nr * Nc
+    acc = tl.zeros([BV], tl.float32)
+    for u in range(u0, u1):
+        y = u - ry + oy
+        for vb in range(v0, v1, BV):
+            vv = vb + tl.arange(0, BV)
+            x = vv - rx + ox
+            off = (u * rw + vv).to(tl.int64) * Nc + y * cw + x
+            acc += tl.load(base + off, mask=vv < v1, other=0.0)
+    tl.store(DB + pid, tl.sum(acc, 0))
