@@ -25,10 +25,14 @@ from .common import grid_tile, inv_norm, load_rows, load_ws, logits, mma
 def window_bwd_bias_partial(
     QKV, SCALE, BIAS, DOUT, LSE, DELTA, GP,
     s_qb, s_ql, s_qc, s_gb, s_gl, s_gc,
-    H, W, ws, t, nWw, nW, nh, d, C, N, Rw, R,
+    H, W, t, nWw, nW, nh, R,
     win_per_group, n_win,
+    ws: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N: tl.constexpr = ws * ws
+    Rw: tl.constexpr = 2 * ws - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     h = pid % nh
     grp = pid // nh
@@ -46,15 +50,16 @@ def window_bwd_bias_partial(
         wy = (w % nW) // nWw
         wx = (w % nW) % nWw
         b64 = tl.cast(b, tl.int64)
-        qkv_b = QKV + b64 * s_qb
+        qkv_b = QKV + tl.multiple_of(b64 * s_qb, AL)
         qy, qx, qr, qc, qid = grid_tile(j, wy, wx, ws, ws, H, W, t, t, t, t)
         ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
         qoff = (qr.to(tl.int64) * W + qc)
         koff = (kr.to(tl.int64) * W + kc) * s_ql
-        q = load_rows(qkv_b, qoff * s_ql, h * d, s_qc, d, vq, D)
-        k = load_rows(qkv_b, koff, C + h * d, s_qc, d, vk, D)
-        v = load_rows(qkv_b, koff, 2 * C + h * d, s_qc, d, vk, D)
-        do = load_rows(DOUT + b64 * s_gb, qoff * s_gl, h * d, s_gc, d, vq, D).to(DT)
+        q = load_rows(qkv_b, tl.multiple_of(qoff * s_ql, AL), h * d, s_qc, d, vq, D, AL)
+        k = load_rows(qkv_b, tl.multiple_of(koff, AL), C + h * d, s_qc, d, vk, D, AL)
+        v = load_rows(qkv_b, tl.multiple_of(koff, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
+        do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(qoff * s_gl, AL), h * d, s_gc, d, vq, D,
+                       AL).to(DT)
         row = (tl.cast(w, tl.int64) * nh + h) * N + j
         lse = tl.load(LSE + row, mask=vq, other=0.0)
         delta = tl.load(DELTA + row, mask=vq, other=0.0)
@@ -72,11 +77,16 @@ def window_bwd_bias_partial(
 def stripe_bwd_bias2_partial(
     QKV, ANC, SCALE, BIAS, Z, DOUT, LSE, DELTA, GP,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_gb, s_gl, s_gc,
-    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     win_per_group, n_win,
+    sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """Stage 2: rows = tokens (softmax over anchors, values Z), columns = anchors. G is (N1, N2)."""
+    N1: tl.constexpr = sh * sw
+    N2: tl.constexpr = ah * aw
+    Rw: tl.constexpr = sw + aw - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     h = pid % nh
     grp = pid // nh
@@ -98,9 +108,11 @@ def stripe_bwd_bias2_partial(
         ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
         au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
         tpos = tr.to(tl.int64) * W + tc
-        q = load_rows(QKV + b64 * s_qb, tpos * s_ql, h * d, s_qc, d, vj, D)
-        a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
-        do = load_rows(DOUT + b64 * s_gb, tpos * s_gl, h * d, s_gc, d, vj, D).to(DT)
+        q = load_rows(QKV + tl.multiple_of(b64 * s_qb, AL), tl.multiple_of(tpos * s_ql, AL), h * d, s_qc, d, vj, D, AL)
+        aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+        a = load_rows(ANC + tl.multiple_of(b64 * s_ab, AL), aoff, h * d, s_ac, d, vi, D, AL)
+        do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(tpos * s_gl, AL), h * d, s_gc, d, vj, D,
+                       AL).to(DT)
         z = load_ws(Z, bwh * N2 + i, vi, D).to(DT)
         lse = tl.load(LSE + bwh * N1 + j, mask=vj, other=0.0)
         delta = tl.load(DELTA + bwh * N1 + j, mask=vj, other=0.0)
@@ -118,11 +130,16 @@ def stripe_bwd_bias2_partial(
 def stripe_bwd_bias1_partial(
     QKV, ANC, SCALE, BIAS, DZ, LSE, DELTA, GP,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac,
-    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     win_per_group, n_win,
+    sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
     """Stage 1: rows = anchors (softmax over tokens, values v, upstream dZ), columns = tokens. G is (N2, N1)."""
+    N1: tl.constexpr = sh * sw
+    N2: tl.constexpr = ah * aw
+    Rw: tl.constexpr = sw + aw - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     h = pid % nh
     grp = pid // nh
@@ -144,10 +161,11 @@ def stripe_bwd_bias1_partial(
         au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
         ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
         toff = (tr.to(tl.int64) * W + tc) * s_ql
-        qkv_b = QKV + b64 * s_qb
-        a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
-        k = load_rows(qkv_b, toff, C + h * d, s_qc, d, vj, D)
-        v = load_rows(qkv_b, toff, 2 * C + h * d, s_qc, d, vj, D)
+        qkv_b = QKV + tl.multiple_of(b64 * s_qb, AL)
+        aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+        a = load_rows(ANC + tl.multiple_of(b64 * s_ab, AL), aoff, h * d, s_ac, d, vi, D, AL)
+        k = load_rows(qkv_b, tl.multiple_of(toff, AL), C + h * d, s_qc, d, vj, D, AL)
+        v = load_rows(qkv_b, tl.multiple_of(toff, AL), 2 * C + h * d, s_qc, d, vj, D, AL)
         dz = load_ws(DZ, bwh * N2 + i, vi, D).to(DT)
         lse = tl.load(LSE + bwh * N2 + i, mask=vi, other=0.0)
         delta = tl.load(DELTA + bwh * N2 + i, mask=vi, other=0.0)
@@ -162,7 +180,8 @@ def stripe_bwd_bias1_partial(
 
 
 @triton.jit
-def bias_grad_reduce(G, DB, rh, rw, ch, cw, oy, ox, Rw, R, BV: tl.constexpr):
+def bias_grad_reduce(G, DB, R, rh: tl.constexpr, rw: tl.constexpr, ch: tl.constexpr, cw: tl.constexpr,
+                     oy: tl.constexpr, ox: tl.constexpr, Rw: tl.constexpr, BV: tl.constexpr):
     """DB[h, r] = sum of G[h, j, k] over the pairs of table row r (see the module docstring)."""
     pid = tl.program_id(0)
     h = pid // R
@@ -173,8 +192,8 @@ def bias_grad_reduce(G, DB, rh, rw, ch, cw, oy, ox, Rw, R, BV: tl.constexpr):
     u1 = tl.minimum(ry - oy + ch, rh)
     v0 = tl.maximum(rx - ox, 0)
     v1 = tl.minimum(rx - ox + cw, rw)
-    Nr = rh * rw
-    Nc = ch * cw
+    Nr: tl.constexpr = rh * rw
+    Nc: tl.constexpr = ch * cw
     base = G + h.to(tl.int64) * Nr * Nc
     acc = tl.zeros([BV], tl.float32)
     for u in range(u0, u1):

@@ -119,7 +119,7 @@ def _manual_specialization(fn, args, constexprs):
     """The JIT's rules, for Triton versions whose binder is not reachable: pointers and ints
     divisible by 16 get tt.divisibility=16, ints equal to 1 become constants."""
     names = [n for n in fn.arg_names if n not in constexprs]
-    signature, consts, attrs = {}, dict(constexprs), {}
+    signature, consts, attrs = {}, {(fn.arg_names.index(k),): v for k, v in constexprs.items()}, {}
     for name, v in zip(names, args):
         idx = fn.arg_names.index(name)
         if isinstance(v, int) and not isinstance(v, bool) and v == 1:
@@ -290,8 +290,7 @@ def spec_name(spec: dict) -> str:
     h = hashlib.sha1(repr((sorted(spec["signature"].items()), sorted((k, repr(v)) for k, v in
                                                                       spec.get("constants", {}).items()),
                            sorted((k, repr(v)) for k, v in spec.get("attrs", {}).items()))).encode()).hexdigest()[:8]
-    det = "_det" if c.get("DETERMINISTIC") else ""
-    return f"{spec['kernel']}_{_spec_dtype(spec)}_D{c['D']}_BM{c['BM']}_BN{c.get('BN', 0)}{det}_{h}"
+    return f"{spec['kernel']}_{_spec_dtype(spec)}_D{c.get('D', 0)}_BM{c.get('BM', 0)}_BN{c.get('BN', 0)}_{h}"
 
 
 def compile_with_resources(spec: dict, capability: int, dump_dir: Optional[str] = None) -> dict:
@@ -313,8 +312,7 @@ def compile_with_resources(spec: dict, capability: int, dump_dir: Optional[str] 
     c = spec["constexprs"]
     return dict(
         kernel=spec["kernel"], arch=f"sm_{capability}", dtype=_spec_dtype(spec),
-        head_dim=list(spec.get("head_dims", [])), D=c["D"], BM=c["BM"], BN=c.get("BN"),
-        deterministic=bool(c.get("DETERMINISTIC", False)),
+        head_dim=list(spec.get("head_dims", [])), D=c.get("D"), BM=c.get("BM"), BN=c.get("BN", c.get("BV")),
         geometry="; ".join(spec.get("geometries", [])),
         ptx=name + ".ptx" if dump_dir else None, cubin=name + ".cubin" if dump_dir else None,
         registers=use["REG"], stack_bytes=use["STACK"], spill_bytes=_ptxas_spills(log, cubin, capability, ptx),
@@ -328,27 +326,35 @@ def compile_with_resources(spec: dict, capability: int, dump_dir: Optional[str] 
 
 def describe(spec: dict) -> str:
     c = spec["constexprs"]
-    extra = " det" if c.get("DETERMINISTIC") else ""
-    return (f"{spec['kernel']}[{_spec_dtype(spec)} D={c['D']} BM={c['BM']} BN={c.get('BN', '-')}{extra} "
-            f"w{spec['num_warps']} s{spec['num_stages']}]")
+    return (f"{spec['kernel']}[{_spec_dtype(spec)} D={c.get('D', '-')} BM={c.get('BM', '-')} "
+            f"BN={c.get('BN', '-')} w{spec['num_warps']} s{spec['num_stages']}]")
+
+
+def _size(spec: dict) -> int:
+    c = spec["constexprs"]
+    if "ws" in c:
+        return c["ws"] ** 2
+    if "sh" in c:
+        return c["sh"] * c["sw"] + c["ah"] * c["aw"]
+    return c.get("rh", 0) * c.get("rw", 0) * c.get("ch", 0) * c.get("cw", 0)
 
 
 def covering_subset(specs: List[dict], dtypes=(torch.bfloat16, torch.float32)) -> List[dict]:
-    """Per (kernel, dtype, deterministic): the specialization with the widest head dim and the
-    largest tiles (the most registers and shared memory); the rest differ only in smaller
-    constexprs. Deterministic variants for the first dtype only."""
+    """Per (kernel, dtype): the specialization with the widest head dim, the largest tiles and
+    then the largest window (the most registers and shared memory); the others differ only in
+    smaller constexprs. Kernels on float32 workspaces only (stripe_fwd_combine, bias_grad_reduce)
+    count as the first dtype."""
     names = [_PTR[dt][1:] for dt in dtypes]
-    best: Dict[tuple, dict] = {}
+    best: Dict[tuple, tuple] = {}
     for spec in specs:
         dt = _spec_dtype(spec)
-        det = bool(spec["constexprs"].get("DETERMINISTIC", False))
         if not {"QKV", "ANC"} & set(spec["signature"]):
-            dt = names[0]  # float32 workspaces only (stripe_fwd_combine): the same for every dtype
-        elif dt not in names or (det and dt != names[0]):
+            dt = names[0]
+        elif dt not in names:
             continue
         c = spec["constexprs"]
-        key = (spec["kernel"], dt, det)
-        rank = (c["D"], c["BM"] * c.get("BN", 1), c["BM"])
+        key = (spec["kernel"], dt)
+        rank = (c.get("D", 0), c.get("BM", 0) * c.get("BN", 1), c.get("BM", 0), _size(spec))
         if key not in best or rank > best[key][0]:
             best[key] = (rank, spec)
     return [v[1] for v in best.values()]
@@ -396,8 +402,7 @@ def run(capabilities: Iterable[int] = (80, 90), specs: Optional[List[dict]] = No
 def format_row(row: dict) -> str:
     limit = row["shared_limit"]
     flag = "" if limit is None or row["shared_bytes"] <= limit else f"  EXCEEDS {limit}"
-    name = (f"{row['kernel']}[{row['dtype']} D={row['D']} BM={row['BM']} BN={row['BN'] or '-'}"
-            f"{' det' if row['deterministic'] else ''}]")
+    name = f"{row['kernel']}[{row['dtype']} D={row['D'] or '-'} BM={row['BM'] or '-'} BN={row['BN'] or '-'}]"
     return (f"{row['arch']} {name:<56} regs {row['registers']:>3} stack {row['stack_bytes']:>4} "
             f"spill {row['spill_bytes']:>4} shared {row['shared_bytes']:>6} atomics {row['atomics']:>3} "
             f"occ {row['occupancy']:.3f} {row['compile_seconds']:5.1f}s{flag}")
@@ -411,13 +416,84 @@ def gate_violations(rows: List[dict]) -> List[str]:
         tag = f"{r['arch']} {r['kernel']} {r['dtype']} D={r['D']} BM={r['BM']} BN={r['BN']}"
         fwd = "_fwd" in r["kernel"]
         if r["spill_bytes"] or r["stack_bytes"]:
-            if fwd or r["D"] <= 32:
+            if fwd or (r["D"] or 0) <= 32:
                 bad.append(f"{tag}: {r['spill_bytes']} B spilled, {r['stack_bytes']} B stack")
         if r["shared_limit"] is not None and r["shared_bytes"] > r["shared_limit"]:
             bad.append(f"{tag}: shared {r['shared_bytes']} B > {r['shared_limit']} B")
         if r["atomics"] > MAX_STATIC_ATOMICS:
             bad.append(f"{tag}: {r['atomics']} static atomics > {MAX_STATIC_ATOMICS}")
     return bad
+
+
+def summarize(rows: List[dict]) -> List[dict]:
+    """Per (arch, kernel): the worst case over its specializations."""
+    out: Dict[tuple, dict] = {}
+    for r in rows:
+        k = (r["arch"], r["kernel"])
+        e = out.setdefault(k, dict(arch=r["arch"], kernel=r["kernel"], specializations=0, registers=0, stack_bytes=0,
+                                   spill_bytes=0, shared_bytes=0, atomics=0, div_rem=0, occupancy=1.0,
+                                   dtypes=set(), head_dims=set()))
+        e["specializations"] += 1
+        for f in ("registers", "stack_bytes", "spill_bytes", "shared_bytes", "atomics", "div_rem"):
+            e[f] = max(e[f], r[f])
+        e["occupancy"] = min(e["occupancy"], r["occupancy"])
+        e["dtypes"].add(r["dtype"])
+        e["head_dims"].update(r["head_dim"])
+    res = []
+    for e in out.values():
+        e["dtypes"], e["head_dims"] = sorted(e["dtypes"]), sorted(e["head_dims"])
+        res.append(e)
+    return res
+
+
+def write_report(rows: List[dict], prefix: str, before: Optional[str] = None) -> None:
+    """PREFIX.json (every specialization and the per-kernel summary) and PREFIX.md (tables)."""
+    import platform
+
+    import triton
+
+    summary = summarize(rows)
+    prev = {}
+    if before:
+        with open(before) as f:
+            prev = {(e["arch"], e["kernel"]): e for e in json.load(f)["summary"]}
+    keep = ("kernel", "arch", "dtype", "head_dim", "D", "BM", "BN", "geometry", "registers", "stack_bytes",
+            "spill_bytes", "shared_bytes", "atomics", "div_rem", "num_warps", "occupancy")
+    doc = dict(triton=triton.__version__, python=platform.python_version(), summary=summary,
+               specializations=[{k: r[k] for k in keep} for r in rows])
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    with open(prefix + ".json", "w") as f:
+        json.dump(doc, f, indent=1)
+    lines = [
+        "# Static resources of the Triton kernels",
+        "",
+        f"Generated by `python -m grl_kernels.backends.triton.compile_check --report` (triton {triton.__version__}), "
+        "no GPU: every run-time specialization of the published geometries compiled with ptxas; registers and "
+        "stack from `cuobjdump --dump-resource-usage`, spills from the ptxas log, static atomics counted in the PTX "
+        "(`red.`/`atom.`), `div/rem` = integer division instructions in the PTX. Occupancy: theoretical, resident "
+        "warps / 64 per SM (64K registers, 228 KB shared memory, 2048 threads, 32 blocks per SM).",
+        "",
+        "Per kernel, the worst case over its specializations (most registers / stack / shared, lowest occupancy):",
+        "",
+    ]
+    head = ("| arch | kernel | specs | dtypes | head dims | registers | stack B | spill B | shared B | atomics "
+            "| div/rem | occupancy |")
+    if prev:
+        head = head[:-1] + "| before: registers / stack B / atomics / div/rem |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for e in sorted(summary, key=lambda e: (e["arch"], e["kernel"])):
+        line = (f"| {e['arch']} | `{e['kernel']}` | {e['specializations']} | {', '.join(e['dtypes'])} | "
+                f"{', '.join(map(str, e['head_dims']))} | {e['registers']} | {e['stack_bytes']} | {e['spill_bytes']} | "
+                f"{e['shared_bytes']} | {e['atomics']} | {e['div_rem']} | {e['occupancy']:.3f} |")
+        if prev:
+            b = prev.get((e["arch"], e["kernel"]))
+            line += (f" {b['registers']} / {b['stack_bytes']} / {b['atomics']} / {b['div_rem']} |" if b else " (new) |")
+        lines.append(line)
+    bad = gate_violations(rows)
+    lines += ["", f"CI budget (compile_check.gate_violations): {'met' if not bad else f'{len(bad)} violations'}."]
+    lines += [f"- {b}" for b in bad]
+    with open(prefix + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -430,12 +506,23 @@ def main(argv=None) -> int:
     p.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     p.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--kernels", nargs="+", help="only these kernels")
     p.add_argument("--dump", metavar="DIR", help="write .ptx/.cubin per specialization and DIR/manifest.json")
+    p.add_argument("--report", metavar="PREFIX", help="write PREFIX.md and PREFIX.json (per-kernel summary)")
+    p.add_argument("--before", metavar="JSON", help="a previous PREFIX.json: before/after columns in the report")
+    p.add_argument("--from-manifest", metavar="JSON", help="report from a manifest.json instead of compiling")
     a = p.parse_args(argv)
+    if a.from_manifest:
+        with open(a.from_manifest) as f:
+            rows = json.load(f)
+        write_report(rows, a.report, before=a.before)
+        return 1 if gate_violations(rows) else 0
     dtypes = [getattr(torch, n) for n in a.dtypes]
     specs = specializations(dtypes=dtypes, head_dims=a.head_dims)
     if a.subset:
-        specs = covering_subset(specs)
+        specs = covering_subset(specs, dtypes=dtypes)
+    if a.kernels:
+        specs = [s for s in specs if s["kernel"] in a.kernels]
     print(f"{len(specs)} specializations x {len(a.arch)} targets")
     if a.dump:
         os.makedirs(a.dump, exist_ok=True)
@@ -443,6 +530,8 @@ def main(argv=None) -> int:
     if a.dump:
         with open(os.path.join(a.dump, "manifest.json"), "w") as f:
             json.dump(rows, f, indent=1)
+    if a.report:
+        write_report(rows, a.report, before=a.before)
     bad = gate_violations(rows)
     print(f"compiled {len(rows)}; max shared {max(r['shared_bytes'] for r in rows)} B; "
           f"max registers {max(r['registers'] for r in rows)}; max static atomics {max(r['atomics'] for r in rows)}; "

@@ -76,18 +76,21 @@ def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype) -
     """Block sizes for a kernel whose programs own ``rows`` and loop over ``cols``.
 
     kind "fwd": one score tile, one P@V; "bwd": score, dP, dS and two or three products
-    per tile, so narrower column blocks; "bias": score and dP, plus the dS accumulator tile. fp32 inputs use exact (ieee) products: smaller tiles.
+    per tile, so narrower column blocks; "bias": score and dP, plus the dS accumulator tile.
     """
-    wide = dtype != torch.float32
-    if kind == "fwd":
-        bm = 64 if (D <= 64 or wide) else 32
-        bn = 64 if (D <= 64 and wide) else 32
-    elif kind == "bwd":
-        bm = 64 if D <= 64 else 32
-        bn = 64 if (D <= 32 and wide) else 32
-    else:  # "bias": two products per tile and a float32 accumulator tile
-        bm = 64 if D <= 64 else 32
-        bn = 64 if (D <= 64 and wide) else 32
+    # The largest tiles without register spills at head dim <= 32 on sm80/sm90 (compile_check;
+    # benchmarks/results/static-sm90/triton.md). 16-bit: 64 x 64 forward, 64 x 32 backward (64 x 64
+    # spilled 50-220 B). float32 products are FMA loops (no tensor cores): half the rows, and
+    # narrower columns at D = 64 (64 x 32 spilled 150-470 B).
+    if dtype != torch.float32:
+        bm = 64 if (kind == "fwd" or D <= 64) else 32
+        bn = (64 if D <= 64 else 32) if kind == "fwd" else 32
+    elif kind == "fwd":
+        bm = 32 if D <= 64 else 16
+        bn = 32 if D <= 32 else 16
+    else:
+        bm = 32
+        bn = 32 if D <= 64 else 16
     bm = _OVERRIDE.get("BM", min(bm, _p2(rows)))
     bn = _OVERRIDE.get("BN", min(bn, _p2(cols)))
     return Config(bm, bn)  # 4 warps, 2 stages: FlashAttention-2's choice for 64-row tiles (untuned here)
@@ -160,17 +163,39 @@ def _scale_arg(scale: torch.Tensor) -> torch.Tensor:
 
 
 def stripe_geo_args(g: StripeGeometry, nh: int, d: int) -> tuple:
+    """Run-time geometry arguments of the stripe kernels (image size, shifts, window counts)."""
     mth, mtw = (g.shift_h, g.shift_w) if g.shifted else (0, 0)
     mtah, mtaw = (g.anchor_shift_h, g.anchor_shift_w) if g.shifted else (0, 0)
     return (
-        g.H, g.W, g.sh, g.sw, g.shift_h, g.shift_w, mth, mtw,
-        g.Ha, g.Wa, g.ah, g.aw, g.anchor_shift_h, g.anchor_shift_w, mtah, mtaw,
-        g.windows_w, g.num_windows, nh, d, nh * d, g.n1, g.n2, g.table_w, g.table_rows,
+        g.H, g.W, g.shift_h, g.shift_w, mth, mtw,
+        g.Ha, g.Wa, g.anchor_shift_h, g.anchor_shift_w, mtah, mtaw,
+        g.windows_w, g.num_windows, nh, g.table_rows,
     )
 
 
+def stripe_geo_constexprs(g: StripeGeometry, d: int, align: int) -> dict:
+    """The geometry fixed per model, compiled in: stripe and anchor-window sizes, head dim, and
+    the row-offset alignment ``AL`` (see row_align)."""
+    return dict(sh=g.sh, sw=g.sw, ah=g.ah, aw=g.aw, d=d, AL=align)
+
+
 def window_geo_args(g: WindowGeometry, nh: int, d: int) -> tuple:
-    return (g.H, g.W, g.ws, g.shift, g.windows_w, g.num_windows, nh, d, nh * d, g.n, g.table_side, g.table_rows)
+    return (g.H, g.W, g.shift, g.windows_w, g.num_windows, nh, g.table_rows)
+
+
+def window_geo_constexprs(g: WindowGeometry, d: int, align: int) -> dict:
+    return dict(ws=g.ws, d=d, AL=align)
+
+
+def row_align(*tensors: torch.Tensor) -> int:
+    """Largest power of two <= 16 dividing every stride of the activation tensors except their
+    last (channel) one: the kernels may assume row offsets are multiples of it (vector loads)."""
+    a = 16
+    for t in tensors:
+        for s in t.stride()[:-1]:
+            if s:
+                a = math.gcd(a, abs(int(s)))
+    return a
 
 
 def _bias_groups(device, n_win: int, tiles_per_head: int, nh: int, cells: int) -> Tuple[int, int]:
@@ -186,8 +211,8 @@ def _bias_groups(device, n_win: int, tiles_per_head: int, nh: int, cells: int) -
     return math.ceil(n_win / per), per
 
 
-def _bias_grad(partial: str, ptrs: tuple, strides: tuple, geo: tuple, n_win: int, nh: int, rows: int, cols: int, D: int,
-               dtype, prec: str, bin_geo: tuple, R: int, like: torch.Tensor, device) -> torch.Tensor:
+def _bias_grad(partial: str, ptrs: tuple, strides: tuple, geo: tuple, gc: dict, n_win: int, nh: int, rows: int,
+               cols: int, D: int, dtype, prec: str, bin_geo: tuple, R: int, like: torch.Tensor, device) -> torch.Tensor:
     """Bias-table gradient (R, nh) in like.dtype: the partial kernel ``partial`` (rows x cols tiles,
     summed over the windows of a group), the group sum in torch, then bias_grad_reduce."""
     c = choose_config("bias", rows, cols, D, dtype)
@@ -195,13 +220,14 @@ def _bias_grad(partial: str, ptrs: tuple, strides: tuple, geo: tuple, n_win: int
     groups, per = _bias_groups(device, n_win, rb * cb, nh, rows * cols)
     gp = torch.empty((groups, nh, rows, cols), dtype=torch.float32, device=device)
     _launch(partial, (groups * nh, rb, cb), (*ptrs, gp, *strides, *geo, per, n_win),
-            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec), c, device)
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, **gc), c, device)
     g = gp.sum(0) if groups > 1 else gp[0]
     del gp
     db = torch.empty((nh, R), dtype=torch.float32, device=device)
     rh, rw, ch, cw, oy, ox, Rw = bin_geo
     bv = Config(1, min(64, _p2(min(rw, cw))), num_warps=1)
-    _launch("bias_grad_reduce", (nh * R,), (g, db, rh, rw, ch, cw, oy, ox, Rw, R), dict(BV=bv.BN), bv, device)
+    _launch("bias_grad_reduce", (nh * R,), (g, db, R),
+            dict(rh=rh, rw=rw, ch=ch, cw=cw, oy=oy, ox=ox, Rw=Rw, BV=bv.BN), bv, device)
     return db.t().to(like.dtype).contiguous()
 
 
@@ -220,6 +246,8 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
     b1, b2 = _bias_arg(bias1), _bias_arg(bias2)
     qs = qkv.stride()
     as_ = anchor.stride()
+    out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
+    gc = stripe_geo_constexprs(g, d, row_align(qkv, anchor, out))
 
     # stage 1: anchors over tokens, split over token blocks, then combined
     c1 = choose_config("fwd", N2, N1, D, qkv.dtype)
@@ -230,7 +258,7 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
     ls = torch.empty_like(ms)
     _launch("stripe_fwd_anchor_partial", (BWH, mblocks, n_splits),
             (qkv, anchor, s1, b1, acc, ms, ls, *qs, *as_, *geo, per, n_splits),
-            dict(D=D, BM=c1.BM, BN=c1.BN, PREC=prec), c1, dev)
+            dict(D=D, BM=c1.BM, BN=c1.BN, PREC=prec, **gc), c1, dev)
     z = torch.empty((BWH, N2, D), dtype=torch.float32, device=dev)
     lse1 = torch.empty((BWH, N2), dtype=torch.float32, device=dev)
     cc = Config(min(32, _p2(N2)), 16)
@@ -239,12 +267,11 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
     del acc, ms, ls
 
     # stage 2: tokens over anchors, written in place into (B, H*W, C)
-    out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
     lse2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
     c2 = choose_config("fwd", N1, N2, D, qkv.dtype)
     _launch("stripe_fwd_tokens", (BWH, -(-N1 // c2.BM)),
             (qkv, anchor, s2, b2, z, out, lse2, *qs, *as_, *out.stride(), *geo),
-            dict(D=D, BM=c2.BM, BN=c2.BN, PREC=prec), c2, dev)
+            dict(D=D, BM=c2.BM, BN=c2.BN, PREC=prec, **gc), c2, dev)
     return out, z, lse1, lse2
 
 
@@ -264,6 +291,7 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
 
     dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
     danchor = torch.empty(anchor.shape, dtype=anchor.dtype, device=dev)
+    gc = stripe_geo_constexprs(g, d, row_align(qkv, anchor, out, grad, dqkv, danchor))
 
     # 1. tokens, stage 2: Delta2, dq, tau2 gradient
     ct = choose_config("bwd", N1, N2, D, qkv.dtype)
@@ -273,9 +301,9 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     _launch("stripe_bwd_tokens2", (BWH, tblocks),
             (qkv, anchor, s2, b2, z, out, grad, lse2, delta2, dqkv, dtau2,
              *qs, *as_, *os_, *gs, *dqkv.stride(), *geo),
-            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec), ct, dev)
+            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **gc), ct, dev)
     dbias2 = _bias_grad("stripe_bwd_bias2_partial", (qkv, anchor, s2, b2, z, grad, lse2, delta2), (*qs, *as_, *gs),
-                        geo, B * nW, nh, N1, N2, D, qkv.dtype, prec, (g.sh, g.sw, g.ah, g.aw, g.ah - 1, g.aw - 1,
+                        geo, gc, B * nW, nh, N1, N2, D, qkv.dtype, prec, (g.sh, g.sw, g.ah, g.aw, g.ah - 1, g.aw - 1,
                                                                        g.table_w), R, bias2, dev)
 
     # 2. anchors, stage 2: dZ and the stage-2 part of d(a_hat), split over token blocks
@@ -286,7 +314,7 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     dap2 = torch.empty_like(dzp)
     _launch("stripe_bwd_anchors2", (BWH, ablocks, n_splits),
             (qkv, anchor, s2, b2, z, grad, lse2, delta2, dzp, dap2, *qs, *as_, *gs, *geo, per, BWH),
-            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec), ca, dev)
+            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec, **gc), ca, dev)
     dz = dzp.sum(0) if n_splits > 1 else dzp[0]
     del dzp
     delta1 = (dz * z).sum(-1)
@@ -295,20 +323,20 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     dap1 = torch.empty_like(dap2)
     _launch("stripe_bwd_anchors1", (BWH, ablocks, n_splits),
             (qkv, anchor, s1, b1, dz, delta1, lse1, dap1, *qs, *as_, *geo, per, BWH),
-            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec), ca, dev)
+            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec, **gc), ca, dev)
     dah = (dap1 + dap2).sum(0) if n_splits > 1 else dap1[0] + dap2[0]
     del dap1, dap2
     cf = Config(min(32, _p2(N2)), 16)
     _launch("stripe_bwd_anchor_finalize", (BWH, -(-N2 // cf.BM)),
-            (anchor, dah, danchor, *as_, *danchor.stride(), *geo), dict(D=D, BM=cf.BM), cf, dev)
+            (anchor, dah, danchor, *as_, *danchor.stride(), *geo), dict(D=D, BM=cf.BM, **gc), cf, dev)
 
     # 4. tokens, stage 1: dk, dv, tau1 gradient; then the bias1 gradient
     dtau1 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
     _launch("stripe_bwd_tokens1", (BWH, tblocks),
             (qkv, anchor, s1, b1, dz, delta1, lse1, dqkv, dtau1, *qs, *as_, *dqkv.stride(), *geo),
-            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec), ct, dev)
+            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **gc), ct, dev)
     dbias1 = _bias_grad("stripe_bwd_bias1_partial", (qkv, anchor, s1, b1, dz, lse1, delta1), (*qs, *as_),
-                        geo, B * nW, nh, N2, N1, D, qkv.dtype, prec, (g.ah, g.aw, g.sh, g.sw, g.sh - 1, g.sw - 1,
+                        geo, gc, B * nW, nh, N2, N1, D, qkv.dtype, prec, (g.ah, g.aw, g.sh, g.sw, g.sh - 1, g.sw - 1,
                                                                        g.table_w), R, bias1, dev)
 
     dscale1 = dtau1.view(B * nW, nh, tblocks).sum((0, 2)).to(scale1.dtype).reshape(scale1.shape)
@@ -328,10 +356,11 @@ def window_forward(qkv, g: WindowGeometry, nh: int, scale, bias):
     out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
     lse = torch.empty((BWH, N), dtype=torch.float32, device=dev)
     c = choose_config("fwd", N, N, D, qkv.dtype)
+    gc = window_geo_constexprs(g, d, row_align(qkv, out))
     _launch("window_fwd", (BWH, -(-N // c.BM)),
             (qkv, _scale_arg(scale), _bias_arg(bias), out, lse, *qkv.stride(), *out.stride(),
              *window_geo_args(g, nh, d)),
-            dict(D=D, BM=c.BM, BN=c.BN, PREC=_dot_precision(qkv.dtype)), c, dev)
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=_dot_precision(qkv.dtype), **gc), c, dev)
     return out, lse
 
 
@@ -346,6 +375,7 @@ def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse
     geo = window_geo_args(g, nh, d)
     sc, bi = _scale_arg(scale), _bias_arg(bias)
     dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
+    gc = window_geo_constexprs(g, d, row_align(qkv, out, grad, dqkv))
     delta = torch.empty((BWH, N), dtype=torch.float32, device=dev)
     c = choose_config("bwd", N, N, D, qkv.dtype)
     qblocks = -(-N // c.BM)
@@ -353,14 +383,14 @@ def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse
     _launch("window_bwd_dq", (BWH, qblocks),
             (qkv, sc, bi, out, grad, lse, delta, dqkv, dtau,
              *qkv.stride(), *out.stride(), *grad.stride(), *dqkv.stride(), *geo),
-            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec), c, dev)
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, **gc), c, dev)
     _launch("window_bwd_dkv", (BWH, qblocks),
             (qkv, sc, bi, grad, lse, delta, dqkv, *qkv.stride(), *grad.stride(), *dqkv.stride(), *geo),
-            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec), c, dev)
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, **gc), c, dev)
     ws = g.ws
     dbias = _bias_grad("window_bwd_bias_partial", (qkv, sc, bi, grad, lse, delta),
                        (*qkv.stride(), *grad.stride()),
-                       geo, B * nW, nh, N, N, D, qkv.dtype, prec, (ws, ws, ws, ws, ws - 1, ws - 1, g.table_side),
+                       geo, gc, B * nW, nh, N, N, D, qkv.dtype, prec, (ws, ws, ws, ws, ws - 1, ws - 1, g.table_side),
                        g.table_rows, bias, dev)
     dscale = dtau.view(B * nW, nh, qblocks).sum((0, 2)).to(scale.dtype).reshape(scale.shape)
     return dqkv, dscale, dbias
