@@ -72,8 +72,31 @@ def _p2(n: int) -> int:
     return max(16, 1 << max(0, int(n) - 1).bit_length())
 
 
-def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype) -> Config:
-    """Block sizes for a kernel whose programs own ``rows`` and loop over ``cols``.
+def device_arch(device: torch.device) -> int:
+    """Compute capability as 80, 86, 90, ... (meta tensors: the target set by ``target_arch``)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return _META_ARCH[0]
+
+
+_META_ARCH = [90]
+
+
+@contextlib.contextmanager
+def target_arch(arch: int):
+    """The compute capability that launches on meta tensors are configured for (compile checks)."""
+    old = _META_ARCH[0]
+    _META_ARCH[0] = int(arch)
+    try:
+        yield
+    finally:
+        _META_ARCH[0] = old
+
+
+def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype, arch: int = 90) -> Config:
+    """Block sizes for a kernel whose programs own ``rows`` and loop over ``cols``, on compute
+    capability ``arch``.
 
     kind "fwd": one score tile, one P@V; "bwd": score, dP, dS and two or three products
     per tile, so narrower column blocks; "bias": score and dP, plus the dS accumulator tile.
@@ -82,9 +105,17 @@ def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype) -
     # benchmarks/results/static-sm90/triton.md). 16-bit: 64 x 64 forward, 64 x 32 backward (64 x 64
     # spilled 50-220 B). float32 products are FMA loops (no tensor cores): half the rows, and
     # narrower columns at D = 64 (64 x 32 spilled 150-470 B).
+    # sm8x (mma.sync, no wgmma) needs more registers for the same tiles: at D >= 32 the 16-bit
+    # forward takes 64 x 32 there and the backward one pipeline stage (64 x 64 forward and the
+    # 2-stage backward spilled 4-56 B on sm80).
+    stages = 2
     if dtype != torch.float32:
-        bm = 64 if (kind == "fwd" or D <= 64) else 32
-        bn = (64 if D <= 64 else 32) if kind == "fwd" else 32
+        sm8x = arch < 90 and D >= 32
+        if kind == "fwd":
+            bm, bn = 64, (32 if (sm8x or D > 64) else 64)
+        else:
+            bm, bn = (32 if D > 64 else 64), 32
+            stages = 1 if sm8x else 2
     elif kind == "fwd":
         bm = 32 if D <= 64 else 16
         bn = 32 if D <= 32 else 16
@@ -93,7 +124,7 @@ def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype) -
         bn = 32 if D <= 64 else 16
     bm = _OVERRIDE.get("BM", min(bm, _p2(rows)))
     bn = _OVERRIDE.get("BN", min(bn, _p2(cols)))
-    return Config(bm, bn)  # 4 warps, 2 stages: FlashAttention-2's choice for 64-row tiles (untuned here)
+    return Config(bm, bn, num_stages=stages)  # 4 warps: FlashAttention-2's choice for 64-row tiles (untuned)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -215,7 +246,7 @@ def _bias_grad(partial: str, ptrs: tuple, strides: tuple, geo: tuple, gc: dict, 
                cols: int, D: int, dtype, prec: str, bin_geo: tuple, R: int, like: torch.Tensor, device) -> torch.Tensor:
     """Bias-table gradient (R, nh) in like.dtype: the partial kernel ``partial`` (rows x cols tiles,
     summed over the windows of a group), the group sum in torch, then bias_grad_reduce."""
-    c = choose_config("bias", rows, cols, D, dtype)
+    c = choose_config("bias", rows, cols, D, dtype, device_arch(device))
     rb, cb = -(-rows // c.BM), -(-cols // c.BN)
     groups, per = _bias_groups(device, n_win, rb * cb, nh, rows * cols)
     gp = torch.empty((groups, nh, rows, cols), dtype=torch.float32, device=device)
@@ -250,7 +281,7 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
     gc = stripe_geo_constexprs(g, d, row_align(qkv, anchor, out))
 
     # stage 1: anchors over tokens, split over token blocks, then combined
-    c1 = choose_config("fwd", N2, N1, D, qkv.dtype)
+    c1 = choose_config("fwd", N2, N1, D, qkv.dtype, device_arch(dev))
     mblocks = -(-N2 // c1.BM)
     n_splits, per = _splits(dev, BWH * mblocks, -(-N1 // c1.BN))
     acc = torch.empty((BWH, n_splits, N2, D), dtype=torch.float32, device=dev)
@@ -268,7 +299,7 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
 
     # stage 2: tokens over anchors, written in place into (B, H*W, C)
     lse2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
-    c2 = choose_config("fwd", N1, N2, D, qkv.dtype)
+    c2 = choose_config("fwd", N1, N2, D, qkv.dtype, device_arch(dev))
     _launch("stripe_fwd_tokens", (BWH, -(-N1 // c2.BM)),
             (qkv, anchor, s2, b2, z, out, lse2, *qs, *as_, *out.stride(), *geo),
             dict(D=D, BM=c2.BM, BN=c2.BN, PREC=prec, **gc), c2, dev)
@@ -294,7 +325,7 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     gc = stripe_geo_constexprs(g, d, row_align(qkv, anchor, out, grad, dqkv, danchor))
 
     # 1. tokens, stage 2: Delta2, dq, tau2 gradient
-    ct = choose_config("bwd", N1, N2, D, qkv.dtype)
+    ct = choose_config("bwd", N1, N2, D, qkv.dtype, device_arch(dev))
     tblocks = -(-N1 // ct.BM)
     delta2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
     dtau2 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
@@ -307,7 +338,7 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
                                                                        g.table_w), R, bias2, dev)
 
     # 2. anchors, stage 2: dZ and the stage-2 part of d(a_hat), split over token blocks
-    ca = choose_config("bwd", N2, N1, D, qkv.dtype)
+    ca = choose_config("bwd", N2, N1, D, qkv.dtype, device_arch(dev))
     ablocks = -(-N2 // ca.BM)
     n_splits, per = _splits(dev, BWH * ablocks, -(-N1 // ca.BN))
     dzp = torch.empty((n_splits, BWH, N2, D), dtype=torch.float32, device=dev)
@@ -355,7 +386,7 @@ def window_forward(qkv, g: WindowGeometry, nh: int, scale, bias):
     BWH = B * g.num_windows * nh
     out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
     lse = torch.empty((BWH, N), dtype=torch.float32, device=dev)
-    c = choose_config("fwd", N, N, D, qkv.dtype)
+    c = choose_config("fwd", N, N, D, qkv.dtype, device_arch(dev))
     gc = window_geo_constexprs(g, d, row_align(qkv, out))
     _launch("window_fwd", (BWH, -(-N // c.BM)),
             (qkv, _scale_arg(scale), _bias_arg(bias), out, lse, *qkv.stride(), *out.stride(),
@@ -377,7 +408,7 @@ def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse
     dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
     gc = window_geo_constexprs(g, d, row_align(qkv, out, grad, dqkv))
     delta = torch.empty((BWH, N), dtype=torch.float32, device=dev)
-    c = choose_config("bwd", N, N, D, qkv.dtype)
+    c = choose_config("bwd", N, N, D, qkv.dtype, device_arch(dev))
     qblocks = -(-N // c.BM)
     dtau = torch.empty((BWH, qblocks), dtype=torch.float32, device=dev)
     _launch("window_bwd_dq", (BWH, qblocks),
