@@ -18,7 +18,7 @@ Rows are the softmax rows: queries (window), tokens (stripe stage 2), anchors (s
 import triton
 import triton.language as tl
 
-from .common import grid_tile, inv_norm, load_rows, load_ws, logits, mma
+from .common import LOG2E, grid_tile, inv_norm, load_rows, load_ws, logits, mma
 
 
 @triton.jit
@@ -64,8 +64,7 @@ def window_bwd_bias_partial(
         lse = tl.load(LSE + row, mask=vq, other=0.0)
         delta = tl.load(DELTA + row, mask=vq, other=0.0)
         r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
-        s, _ = logits(q, inv_norm(q) * (tau * 1.4426950408889634), k, inv_norm(k), bias_h, r, qid, kid, vq, vk,
-                      PREC)
+        s, _ = logits(q, inv_norm(q) * (tau * LOG2E), k, inv_norm(k), bias_h, r, qid, kid, vq, vk, PREC)
         p = tl.exp2(s - lse[:, None])
         dp = mma(do, tl.trans(v), PREC)
         g += p * (dp - delta[:, None])
@@ -117,8 +116,7 @@ def stripe_bwd_bias2_partial(
         lse = tl.load(LSE + bwh * N1 + j, mask=vj, other=0.0)
         delta = tl.load(DELTA + bwh * N1 + j, mask=vj, other=0.0)
         r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
-        s, _ = logits(q, inv_norm(q) * (tau * 1.4426950408889634), a, inv_norm(a), bias_h, r, tid, aid, vj, vi,
-                      PREC)
+        s, _ = logits(q, inv_norm(q) * (tau * LOG2E), a, inv_norm(a), bias_h, r, tid, aid, vj, vi, PREC)
         p = tl.exp2(s - lse[:, None])
         dp = mma(do, tl.trans(z), PREC)
         g += p * (dp - delta[:, None])
@@ -170,8 +168,7 @@ def stripe_bwd_bias1_partial(
         lse = tl.load(LSE + bwh * N2 + i, mask=vi, other=0.0)
         delta = tl.load(DELTA + bwh * N2 + i, mask=vi, other=0.0)
         r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
-        s, _ = logits(a, inv_norm(a) * (tau * 1.4426950408889634), k, inv_norm(k), bias_h, r, aid, tid, vi, vj,
-                      PREC)
+        s, _ = logits(a, inv_norm(a) * (tau * LOG2E), k, inv_norm(k), bias_h, r, aid, tid, vi, vj, PREC)
         p = tl.exp2(s - lse[:, None])
         dp = mma(dz, tl.trans(v), PREC)
         g += p * (dp - delta[:, None])
