@@ -8,10 +8,10 @@ Two steps, both in a fixed order (the result has the same bits on every run):
    (row block, column block) tile of one head and loops over the windows of its group,
    recomputing P and dS of the tile (two products) and adding dS into a float32 register tile;
    it stores the tile once into GP (groups, nh, rows, cols). The host sums the groups.
-2. ``bias_grad_reduce`` (grid: nh x table rows): table row r = (ry, rx) is the sum of G[h, j, k]
-   over the pairs with u - y = ry - oy, v - x = rx - ox (row j = (u, v) on a rh x rw window,
-   column k = (y, x) on a ch x cw window); those j form a rectangle, walked row by row with
-   vectors along v (addresses of consecutive v are Nc + 1 apart).
+2. ``bias_grad_reduce`` (grid: nh x table-row blocks ry): table row r = (ry, rx) is the sum of
+   G[h, j, k] over the pairs with u - y = ry - oy, v - x = rx - ox (row j = (u, v) on a rh x rw
+   window, column k = (y, x) on a ch x cw window); a program walks the rows u of the window
+   with (rx, v) tiles (the columns x = v - rx + ox that fall inside the window are summed).
 
 Rows are the softmax rows: queries (window), tokens (stripe stage 2), anchors (stripe stage 1).
 """
@@ -178,26 +178,30 @@ def stripe_bwd_bias1_partial(
 
 @triton.jit
 def bias_grad_reduce(G, DB, R, rh: tl.constexpr, rw: tl.constexpr, ch: tl.constexpr, cw: tl.constexpr,
-                     oy: tl.constexpr, ox: tl.constexpr, Rw: tl.constexpr, BV: tl.constexpr):
-    """DB[h, r] = sum of G[h, j, k] over the pairs of table row r (see the module docstring)."""
+                     oy: tl.constexpr, ox: tl.constexpr, Rh: tl.constexpr, Rw: tl.constexpr,
+                     BX: tl.constexpr, BV: tl.constexpr):
+    """DB[h, ry*Rw + rx] = sum of G[h, j, k] over the pairs of that table row (module docstring).
+
+    One program per (head, table row ry), vectorised over BX columns rx of the table and BV row
+    positions v: for each row u of the rectangle (y = u - ry + oy), column x = v - rx + ox. Fixed
+    order: the same bits on every run."""
     pid = tl.program_id(0)
-    h = pid // R
-    r = pid % R
-    ry = r // Rw
-    rx = r % Rw
+    h = pid // Rh
+    ry = pid % Rh
     u0 = tl.maximum(ry - oy, 0)
     u1 = tl.minimum(ry - oy + ch, rh)
-    v0 = tl.maximum(rx - ox, 0)
-    v1 = tl.minimum(rx - ox + cw, rw)
     Nr: tl.constexpr = rh * rw
     Nc: tl.constexpr = ch * cw
     base = G + h.to(tl.int64) * Nr * Nc
-    acc = tl.zeros([BV], tl.float32)
-    for u in range(u0, u1):
-        y = u - ry + oy
-        for vb in range(v0, v1, BV):
-            vv = vb + tl.arange(0, BV)
-            x = vv - rx + ox
-            off = (u * rw + vv).to(tl.int64) * Nc + y * cw + x
-            acc += tl.load(base + off, mask=vv < v1, other=0.0)
-    tl.store(DB + pid, tl.sum(acc, 0))
+    for xb in range(0, Rw, BX):
+        rx = xb + tl.arange(0, BX)
+        acc = tl.zeros([BX, BV], tl.float32)
+        for u in range(u0, u1):
+            y = u - ry + oy
+            for vb in range(0, rw, BV):
+                vv = vb + tl.arange(0, BV)
+                xx = vv[None, :] - rx[:, None] + ox
+                m = (rx < Rw)[:, None] & (vv < rw)[None, :] & (xx >= 0) & (xx < cw)
+                off = (u * rw + vv[None, :]).to(tl.int64) * Nc + y * cw + xx
+                acc += tl.load(base + off, mask=m, other=0.0)
+        tl.store(DB + h * R + ry * Rw + rx, tl.sum(acc, 1), mask=rx < Rw)

@@ -122,6 +122,8 @@ def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype, a
     else:
         bm = 32
         bn = 32 if D <= 64 else 16
+    if _kernels.INTERPRETED:  # no registers to budget: big tiles, fewer interpreted steps
+        bm, bn = 64, 64
     bm = _OVERRIDE.get("BM", min(bm, _p2(rows)))
     bn = _OVERRIDE.get("BN", min(bn, _p2(cols)))
     return Config(bm, bn, num_stages=stages)  # 4 warps: FlashAttention-2's choice for 64-row tiles (untuned)
@@ -256,9 +258,10 @@ def _bias_grad(partial: str, ptrs: tuple, strides: tuple, geo: tuple, gc: dict, 
     del gp
     db = torch.empty((nh, R), dtype=torch.float32, device=device)
     rh, rw, ch, cw, oy, ox, Rw = bin_geo
-    bv = Config(1, min(64, _p2(min(rw, cw))), num_warps=1)
-    _launch("bias_grad_reduce", (nh * R,), (g, db, R),
-            dict(rh=rh, rw=rw, ch=ch, cw=cw, oy=oy, ox=ox, Rw=Rw, BV=bv.BN), bv, device)
+    Rh = R // Rw
+    red = Config(32, min(64, _p2(rw)), num_warps=4)  # (rx, v) tiles
+    _launch("bias_grad_reduce", (nh * Rh,), (g, db, R),
+            dict(rh=rh, rw=rw, ch=ch, cw=cw, oy=oy, ox=ox, Rh=Rh, Rw=Rw, BX=red.BM, BV=red.BN), red, device)
     return db.t().to(like.dtype).contiguous()
 
 
