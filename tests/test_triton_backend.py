@@ -53,26 +53,63 @@ def test_head_pad():
             config.head_pad(d)
 
 
-def test_deterministic_switch(monkeypatch):
+def test_deterministic_switch_is_kept_and_always_on(monkeypatch):
+    # the bias gradients are partials reduced in a fixed order: deterministic in every mode
     monkeypatch.delenv(config.ENV_DETERMINISTIC, raising=False)
     T.set_deterministic(None)
-    assert not T.is_deterministic()  # the default: float atomics for the bias gradients
-    monkeypatch.setenv(config.ENV_DETERMINISTIC, "1")
     assert T.is_deterministic()
-    monkeypatch.setenv(config.ENV_DETERMINISTIC, "0")
-    T.set_deterministic(True)
-    assert T.is_deterministic()
-    T.set_deterministic(False)
-    assert not T.is_deterministic()
-    T.set_deterministic(None)
+    for flag in (True, False, None):
+        T.set_deterministic(flag)
+        assert T.is_deterministic()
     with pytest.raises(TypeError):
         T.set_deterministic(1)
-    old = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
-        assert T.is_deterministic()
-    finally:
-        torch.use_deterministic_algorithms(old)
+
+
+def _fake_gpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+
+def test_failed_first_use_probe_makes_the_backend_unavailable_with_a_hint(monkeypatch):
+    """A toolchain that cannot load a kernel (e.g. a driver older than the PTX): unavailable with
+    the reason and the TRITON_PTXAS_PATH hint, one warning, and "auto" falls back (no crash)."""
+    pytest.importorskip("triton")
+    from grl_kernels.backends.triton import probe
+
+    def broken(device_index):
+        raise RuntimeError("CUDA error: the provided PTX was compiled with an unsupported toolchain.")
+
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(probe, "_run_probe_kernel", broken)
+    monkeypatch.setattr(probe, "_warned", False)
+    backend = registry._REGISTRY["triton"]
+    monkeypatch.setattr(backend, "_status", None)
+    monkeypatch.setattr(backend, "devices", frozenset({"cuda"}))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ok, why = backend.availability()
+        picked = [registry.resolve_backend("auto", torch.device("cuda"), torch.float16) for _ in range(3)]
+        assert backend.availability() == (False, why)
+    assert not ok and "unsupported toolchain" in why and "TRITON_PTXAS_PATH" in why and "cuda:0" in why
+    assert all(b.name != "triton" for b in picked)
+    mine = [x for x in w if "triton backend is unavailable" in str(x.message)]
+    assert len(mine) == 1 and issubclass(mine[0].category, RuntimeWarning)
+    with pytest.raises(G.BackendUnavailableError, match="TRITON_PTXAS_PATH"):
+        registry.resolve_backend("triton", torch.device("cuda"), torch.float16)
+
+
+def test_successful_probe_keeps_the_backend_available(monkeypatch):
+    pytest.importorskip("triton")
+    from grl_kernels.backends.triton import probe
+
+    calls = []
+    _fake_gpu(monkeypatch)
+    monkeypatch.setattr(probe, "_run_probe_kernel", calls.append)
+    assert T.availability() == (True, "")
+    assert calls == [0]
 
 
 def test_fake_implementations_give_the_shapes():

@@ -4,8 +4,10 @@ Public names:
 - :func:`stripe_attention`, :func:`window_attention`: the backend functions (signatures of
   :mod:`grl_kernels.reference.attention`), differentiable, torch.compile-able (custom ops
   ``torch.ops.grl_kernels.triton_*``);
-- :func:`set_deterministic`, :func:`is_deterministic`: bit-reproducible bias gradients;
-- :func:`availability`: (available, reason).
+- :func:`set_deterministic`, :func:`is_deterministic`: kept for compatibility (every result is
+  bit-reproducible now);
+- :func:`availability`: (available, reason), including a first-use probe that compiles and runs
+  one kernel on the current device.
 
 Importing this package does not import triton; the kernels are loaded on the first call.
 See docs/triton.md.
@@ -28,8 +30,9 @@ def interpreting() -> bool:
 
 
 def availability() -> Tuple[bool, str]:
-    """(available, reason): triton importable and a CUDA device of compute capability >= 8.0,
-    or Triton's interpreter (then CPU tensors are accepted)."""
+    """(available, reason): triton importable, a CUDA device of compute capability >= 8.0 on
+    which Triton compiles, loads and runs a probe kernel (probe.py), or Triton's interpreter
+    (then CPU tensors are accepted)."""
     try:
         import triton  # noqa: F401  (availability probe)
     except Exception as exc:  # ImportError, or a broken installation
@@ -45,4 +48,6 @@ def availability() -> Tuple[bool, str]:
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
         return False, f"needs a GPU of compute capability >= 8.0 (sm80), found {major}.{minor}"
-    return True, ""
+    from . import probe
+
+    return probe.probe(torch.cuda.current_device())

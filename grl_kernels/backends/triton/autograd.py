@@ -85,10 +85,8 @@ def stripe_bwd(
     grad: Tensor, qkv: Tensor, anchor: Tensor, scale1: Tensor, bias1: Tensor, scale2: Tensor, bias2: Tensor,
     out: Tensor, z: Tensor, lse1: Tensor, lse2: Tensor, geom: List[int], num_heads: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # the deterministic switch is read here, at run time (not baked into a compiled graph)
     return tuple(_launcher().stripe_backward(
         grad, qkv, anchor, _stripe_geom(geom), num_heads, scale1, bias1, scale2, bias2, out, z, lse1, lse2,
-        config.is_deterministic(),
     ))
 
 
@@ -139,9 +137,7 @@ def _window_fwd_fake(qkv, scale, bias, geom, num_heads):
 def window_bwd(
     grad: Tensor, qkv: Tensor, scale: Tensor, bias: Tensor, out: Tensor, lse: Tensor, geom: List[int], num_heads: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return tuple(_launcher().window_backward(
-        grad, qkv, _window_geom(geom), num_heads, scale, bias, out, lse, config.is_deterministic()
-    ))
+    return tuple(_launcher().window_backward(grad, qkv, _window_geom(geom), num_heads, scale, bias, out, lse))
 
 
 @window_bwd.register_fake

@@ -66,28 +66,38 @@ def band(pos, size, win, shift):
 
 
 @triton.jit
-def grid_tile(i, wy, wx, wh, ww, Hg, Wg, ty, tx, mty, mtx):
+def grid_tile(i, wy, wx, wh: tl.constexpr, ww: tl.constexpr, Hg, Wg, ty, tx, mty, mtx):
     """Elements ``i`` of window (wy, wx) on a (Hg, Wg) grid cut in (wh, ww) windows and rolled by
-    (ty, tx): in-window (y, x), image (row, col) and region id 3*band_y + band_x, the bands
-    taken with the mask shifts (mty, mtx) (0 where the block is not shifted: band 2 everywhere)."""
-    y = i // ww
+    (ty, tx), 0 <= ty < Hg, 0 <= tx < Wg: in-window (y, x), image (row, col) and region id
+    3*band_y + band_x, the bands taken with the mask shifts (mty, mtx) (0 where the block is not
+    shifted: band 2 everywhere). The window sizes are constexpr (fixed per model)."""
+    y = i // ww  # ww, wh constexpr: multiply-shift, no division
     x = i % ww
     Y = wy * wh + y
     X = wx * ww + x
     rid = 3 * band(Y, Hg, wh, mty) + band(X, Wg, ww, mtx)
-    return y, x, (Y + ty) % Hg, (X + tx) % Wg, rid
+    # Y < Hg and 0 <= ty < Hg: the roll is one conditional subtraction, not a modulo
+    row = Y + ty
+    col = X + tx
+    return y, x, tl.where(row >= Hg, row - Hg, row), tl.where(col >= Wg, col - Wg, col), rid
 
 
 @triton.jit
-def load_rows(base, row_off, col0, s_c, d, valid, D: tl.constexpr):
-    """(R, D) tile: rows at element offsets ``row_off`` (int64), columns col0 .. col0+d-1 (zero-padded)."""
+def load_rows(base, row_off, col0, s_c, d, valid, D: tl.constexpr, AL: tl.constexpr):
+    """(R, D) tile: rows at element offsets ``row_off`` (int64), columns col0 .. col0+d-1 (zero-padded).
+
+    The kernels pass row offsets (and batch offsets) wrapped in tl.multiple_of(.., AL), AL a power
+    of two dividing every row stride (launcher.row_align): with the head dim d constexpr, rows of
+    an odd-width head (d = 30: offsets h*30 + pos*3C) then load as 2-element vectors instead of
+    2-byte scalars (the hint must sit on an op of the kernel, not on a helper's argument).
+    The padding columns d..D-1 are masked."""
     dd = tl.arange(0, D)
     ptrs = base + row_off[:, None] + (col0 + dd)[None, :] * s_c
     return tl.load(ptrs, mask=valid[:, None] & (dd < d)[None, :], other=0.0)
 
 
 @triton.jit
-def store_rows(base, row_off, col0, s_c, d, valid, val, D: tl.constexpr):
+def store_rows(base, row_off, col0, s_c, d, valid, val, D: tl.constexpr, AL: tl.constexpr):
     dd = tl.arange(0, D)
     ptrs = base + row_off[:, None] + (col0 + dd)[None, :] * s_c
     tl.store(ptrs, val.to(base.dtype.element_ty), mask=valid[:, None] & (dd < d)[None, :])
@@ -147,17 +157,3 @@ def logits(xr, sr, xc, ic, bias_ptr, r, idr, idc, vr, vc, PREC: tl.constexpr):
     s += tl.load(bias_ptr + r, mask=vr[:, None] & vc[None, :], other=0.0)
     s = tl.where(idr[:, None] != idc[None, :], s + MASK_LOG2, s)
     return tl.where(vc[None, :], s, float("-inf")), raw
-
-
-@triton.jit
-def bias_grad_add(ptr, r, ds, mask, fx, DETERMINISTIC: tl.constexpr):
-    """Scatter-add dS into the (nh, R) bias-gradient buffer at table rows ``r``.
-
-    DETERMINISTIC: int64 fixed point (value * fx, fx a power of two chosen by the host so no
-    partial sum can overflow); integer adds commute, so the bits do not depend on the order.
-    Otherwise float32 atomics.
-    """
-    if DETERMINISTIC:
-        tl.atomic_add(ptr + r, (ds * fx).to(tl.int64), mask=mask, sem="relaxed")
-    else:
-        tl.atomic_add(ptr + r, ds, mask=mask, sem="relaxed")

@@ -1,15 +1,13 @@
 """Settings of the Triton backend that do not need triton itself: head-dim limits and the
-deterministic switch."""
+(compatibility) deterministic switch."""
 from __future__ import annotations
 
-import os
 from typing import Optional
 
-import torch
 
 MAX_HEAD_DIM = 128
-ENV_DETERMINISTIC = "GRL_KERNELS_DETERMINISTIC"
-_deterministic: Optional[bool] = None  # None: follow the environment / torch
+ENV_DETERMINISTIC = "GRL_KERNELS_DETERMINISTIC"  # accepted, no effect: always deterministic
+_deterministic: Optional[bool] = None  # the last set_deterministic request (no effect)
 
 
 def head_pad(d: int) -> int:
@@ -21,14 +19,12 @@ def head_pad(d: int) -> int:
 
 
 def set_deterministic(flag: Optional[bool]) -> None:
-    """Choose how the backward accumulates the bias-table gradients.
+    """Kept for compatibility: the backward is deterministic in every mode.
 
-    True: int64 fixed-point atomics, the same bits on every run (slightly slower, and the
-    backward makes one extra pass over dY / v to bound the sums). False: float32 atomics
-    (the default; last-bit differences between runs). None: back to the default, which is
-    deterministic when the environment variable GRL_KERNELS_DETERMINISTIC=1 is set or
-    torch.use_deterministic_algorithms(True) is on. Every other gradient, and the forward,
-    is deterministic in both modes.
+    The bias-table gradients are per-tile partials reduced in a fixed order (bias_grad.py), no
+    atomics, so every output has the same bits on every run on the same device and launch
+    configuration, whatever this switch (True, False, or None for the default) or
+    GRL_KERNELS_DETERMINISTIC / torch.use_deterministic_algorithms say.
     """
     global _deterministic
     if flag is not None and not isinstance(flag, bool):
@@ -37,7 +33,5 @@ def set_deterministic(flag: Optional[bool]) -> None:
 
 
 def is_deterministic() -> bool:
-    if _deterministic is not None:
-        return _deterministic
-    env = os.environ.get(ENV_DETERMINISTIC, "").strip().lower()
-    return env in ("1", "true", "yes", "on") or torch.are_deterministic_algorithms_enabled()
+    """True: the forward and every gradient are bit-reproducible (no atomics anywhere)."""
+    return True

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import types
 
-from . import stripe_bwd, stripe_fwd, window_bwd, window_fwd
+from . import bias_grad, stripe_bwd, stripe_fwd, window_bwd, window_fwd
 
-_MODULES = (stripe_fwd, stripe_bwd, window_fwd, window_bwd)
+_MODULES = (stripe_fwd, stripe_bwd, window_fwd, window_bwd, bias_grad)
 
 
 def _collect() -> types.SimpleNamespace:
@@ -19,7 +19,7 @@ def _collect() -> types.SimpleNamespace:
     for mod in _MODULES:
         for name, obj in vars(mod).items():
             fn = getattr(obj, "fn", None)
-            if name.startswith(("stripe_", "window_")) and getattr(fn, "__module__", None) == mod.__name__:
+            if name.startswith(("stripe_", "window_", "bias_")) and getattr(fn, "__module__", None) == mod.__name__:
                 setattr(ns, name, obj)
     return ns
 

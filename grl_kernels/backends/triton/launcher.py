@@ -2,9 +2,9 @@
 
 Entry points (tensors in, tensors out; no autograd here, see autograd.py):
     stripe_forward(qkv, anchor, geom, nh, scale1, bias1, scale2, bias2) -> (out, z, lse1, lse2)
-    stripe_backward(grad, qkv, anchor, geom, nh, scale1, bias1, scale2, bias2, out, z, lse1, lse2, det)
+    stripe_backward(grad, qkv, anchor, geom, nh, scale1, bias1, scale2, bias2, out, z, lse1, lse2)
     window_forward(qkv, geom, nh, scale, bias) -> (out, lse)
-    window_backward(grad, qkv, geom, nh, scale, bias, out, lse, det)
+    window_backward(grad, qkv, geom, nh, scale, bias, out, lse)
 ``geom`` is a StripeGeometry / WindowGeometry. ``scale*`` are tau (nh,), ``bias*`` the
 (R, nh) tables 16*sigmoid(T), in any floating dtype (used in float32).
 
@@ -29,7 +29,7 @@ from .config import head_pad
 LOG2E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# Test hook: {"BM": int, "BN": int, "splits": int} forces block sizes / split counts.
+# Test hook: {"BM": int, "BN": int, "splits": int, "bias_groups": int} forces block sizes / split counts.
 _OVERRIDE: Dict[str, int] = {}
 _recorder: Optional[List[dict]] = None
 
@@ -72,22 +72,61 @@ def _p2(n: int) -> int:
     return max(16, 1 << max(0, int(n) - 1).bit_length())
 
 
-def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype) -> Config:
-    """Block sizes for a kernel whose programs own ``rows`` and loop over ``cols``.
+def device_arch(device: torch.device) -> int:
+    """Compute capability as 80, 86, 90, ... (meta tensors: the target set by ``target_arch``)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return _META_ARCH[0]
+
+
+_META_ARCH = [90]
+
+
+@contextlib.contextmanager
+def target_arch(arch: int):
+    """The compute capability that launches on meta tensors are configured for (compile checks)."""
+    old = _META_ARCH[0]
+    _META_ARCH[0] = int(arch)
+    try:
+        yield
+    finally:
+        _META_ARCH[0] = old
+
+
+def choose_config(kind: str, rows: int, cols: int, D: int, dtype: torch.dtype, arch: int = 90) -> Config:
+    """Block sizes for a kernel whose programs own ``rows`` and loop over ``cols``, on compute
+    capability ``arch``.
 
     kind "fwd": one score tile, one P@V; "bwd": score, dP, dS and two or three products
-    per tile, so narrower column blocks. fp32 inputs use exact (ieee) products: smaller tiles.
+    per tile, so narrower column blocks; "bias": score and dP, plus the dS accumulator tile.
     """
-    wide = dtype != torch.float32
-    if kind == "fwd":
-        bm = 64 if (D <= 64 or wide) else 32
-        bn = 64 if (D <= 64 and wide) else 32
+    # The largest tiles without register spills at head dim <= 32 on sm80/sm90 (compile_check;
+    # benchmarks/results/static-sm90/triton.md). 16-bit: 64 x 64 forward, 64 x 32 backward (64 x 64
+    # spilled 50-220 B). float32 products are FMA loops (no tensor cores): half the rows, and
+    # narrower columns at D = 64 (64 x 32 spilled 150-470 B).
+    # sm8x (mma.sync, no wgmma) needs more registers for the same tiles: at D >= 32 the 16-bit
+    # forward takes 64 x 32 there and the backward one pipeline stage (64 x 64 forward and the
+    # 2-stage backward spilled 4-56 B on sm80).
+    stages = 2
+    if dtype != torch.float32:
+        sm8x = arch < 90 and D >= 32
+        if kind == "fwd":
+            bm, bn = 64, (32 if (sm8x or D > 64) else 64)
+        else:
+            bm, bn = (32 if D > 64 else 64), 32
+            stages = 1 if sm8x else 2
+    elif kind == "fwd":
+        bm = 32 if D <= 64 else 16
+        bn = 32 if D <= 32 else 16
     else:
-        bm = 64 if D <= 64 else 32
-        bn = 64 if (D <= 32 and wide) else 32
+        bm = 32
+        bn = 32 if D <= 64 else 16
+    if _kernels.INTERPRETED:  # no registers to budget: big tiles, fewer interpreted steps
+        bm, bn = 64, 64
     bm = _OVERRIDE.get("BM", min(bm, _p2(rows)))
     bn = _OVERRIDE.get("BN", min(bn, _p2(cols)))
-    return Config(bm, bn)  # 4 warps, 2 stages: FlashAttention-2's choice for 64-row tiles (untuned here)
+    return Config(bm, bn, num_stages=stages)  # 4 warps: FlashAttention-2's choice for 64-row tiles (untuned)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -157,37 +196,73 @@ def _scale_arg(scale: torch.Tensor) -> torch.Tensor:
 
 
 def stripe_geo_args(g: StripeGeometry, nh: int, d: int) -> tuple:
+    """Run-time geometry arguments of the stripe kernels (image size, shifts, window counts)."""
     mth, mtw = (g.shift_h, g.shift_w) if g.shifted else (0, 0)
     mtah, mtaw = (g.anchor_shift_h, g.anchor_shift_w) if g.shifted else (0, 0)
     return (
-        g.H, g.W, g.sh, g.sw, g.shift_h, g.shift_w, mth, mtw,
-        g.Ha, g.Wa, g.ah, g.aw, g.anchor_shift_h, g.anchor_shift_w, mtah, mtaw,
-        g.windows_w, g.num_windows, nh, d, nh * d, g.n1, g.n2, g.table_w, g.table_rows,
+        g.H, g.W, g.shift_h, g.shift_w, mth, mtw,
+        g.Ha, g.Wa, g.anchor_shift_h, g.anchor_shift_w, mtah, mtaw,
+        g.windows_w, g.num_windows, nh, g.table_rows,
     )
 
 
+def stripe_geo_constexprs(g: StripeGeometry, d: int, align: int) -> dict:
+    """The geometry fixed per model, compiled in: stripe and anchor-window sizes, head dim, and
+    the row-offset alignment ``AL`` (see row_align)."""
+    return dict(sh=g.sh, sw=g.sw, ah=g.ah, aw=g.aw, d=d, AL=align)
+
+
 def window_geo_args(g: WindowGeometry, nh: int, d: int) -> tuple:
-    return (g.H, g.W, g.ws, g.shift, g.windows_w, g.num_windows, nh, d, nh * d, g.n, g.table_side, g.table_rows)
+    return (g.H, g.W, g.shift, g.windows_w, g.num_windows, nh, g.table_rows)
 
 
-def _fixed_point_scale(bound: torch.Tensor) -> torch.Tensor:
-    """Power-of-two scale s with bound * s <= 2^61: int64 partial sums of |terms| <= bound cannot overflow."""
-    e = torch.ceil(torch.log2(torch.nan_to_num(bound.float(), nan=1.0, posinf=1e30).clamp_min(1e-30)))
-    return torch.exp2((61.0 - e).clamp(-120.0, 120.0)).reshape(1)
+def window_geo_constexprs(g: WindowGeometry, d: int, align: int) -> dict:
+    return dict(ws=g.ws, d=d, AL=align)
 
 
-def _bias_grad_buffer(nh: int, R: int, device, deterministic: bool) -> torch.Tensor:
-    return torch.zeros((nh, R), dtype=torch.int64 if deterministic else torch.float32, device=device)
+def row_align(*tensors: torch.Tensor) -> int:
+    """Largest power of two <= 16 dividing every stride of the activation tensors except their
+    last (channel) one: the kernels may assume row offsets are multiples of it (vector loads)."""
+    a = 16
+    for t in tensors:
+        for s in t.stride()[:-1]:
+            if s:
+                a = math.gcd(a, abs(int(s)))
+    return a
 
 
-def _bias_grad_result(buf: torch.Tensor, fx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if buf.dtype == torch.int64:
-        buf = (buf.to(torch.float64) / fx.to(torch.float64)).to(torch.float32)
-    return buf.t().to(like.dtype).contiguous()
+def _bias_groups(device, n_win: int, tiles_per_head: int, nh: int, cells: int) -> Tuple[int, int]:
+    """(groups, windows per group) of a bias-gradient partial kernel: about 4 programs per SM
+    (each loops over its group's windows), and at most ~64M float32 partials (256 MB)."""
+    if "bias_groups" in _OVERRIDE:
+        want = _OVERRIDE["bias_groups"]
+    else:
+        want = math.ceil(4 * _num_sms(device) / max(1, tiles_per_head * nh))
+        want = min(want, max(1, (64 << 20) // max(1, nh * cells)))
+    want = max(1, min(want, n_win))
+    per = math.ceil(n_win / want)
+    return math.ceil(n_win / per), per
 
 
-def _row_norms(x: torch.Tensor, B: int, L: int, nh: int, d: int) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.reshape(B, L, nh, d), dim=-1, dtype=torch.float32)
+def _bias_grad(partial: str, ptrs: tuple, strides: tuple, geo: tuple, gc: dict, n_win: int, nh: int, rows: int,
+               cols: int, D: int, dtype, prec: str, bin_geo: tuple, R: int, like: torch.Tensor, device) -> torch.Tensor:
+    """Bias-table gradient (R, nh) in like.dtype: the partial kernel ``partial`` (rows x cols tiles,
+    summed over the windows of a group), the group sum in torch, then bias_grad_reduce."""
+    c = choose_config("bias", rows, cols, D, dtype, device_arch(device))
+    rb, cb = -(-rows // c.BM), -(-cols // c.BN)
+    groups, per = _bias_groups(device, n_win, rb * cb, nh, rows * cols)
+    gp = torch.empty((groups, nh, rows, cols), dtype=torch.float32, device=device)
+    _launch(partial, (groups * nh, rb, cb), (*ptrs, gp, *strides, *geo, per, n_win),
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, **gc), c, device)
+    g = gp.sum(0) if groups > 1 else gp[0]
+    del gp
+    db = torch.empty((nh, R), dtype=torch.float32, device=device)
+    rh, rw, ch, cw, oy, ox, Rw = bin_geo
+    Rh = R // Rw
+    red = Config(32, min(64, _p2(rw)), num_warps=4)  # (rx, v) tiles
+    _launch("bias_grad_reduce", (nh * Rh,), (g, db, R),
+            dict(rh=rh, rw=rw, ch=ch, cw=cw, oy=oy, ox=ox, Rh=Rh, Rw=Rw, BX=red.BM, BV=red.BN), red, device)
+    return db.t().to(like.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------
@@ -205,9 +280,11 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
     b1, b2 = _bias_arg(bias1), _bias_arg(bias2)
     qs = qkv.stride()
     as_ = anchor.stride()
+    out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
+    gc = stripe_geo_constexprs(g, d, row_align(qkv, anchor, out))
 
     # stage 1: anchors over tokens, split over token blocks, then combined
-    c1 = choose_config("fwd", N2, N1, D, qkv.dtype)
+    c1 = choose_config("fwd", N2, N1, D, qkv.dtype, device_arch(dev))
     mblocks = -(-N2 // c1.BM)
     n_splits, per = _splits(dev, BWH * mblocks, -(-N1 // c1.BN))
     acc = torch.empty((BWH, n_splits, N2, D), dtype=torch.float32, device=dev)
@@ -215,7 +292,7 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
     ls = torch.empty_like(ms)
     _launch("stripe_fwd_anchor_partial", (BWH, mblocks, n_splits),
             (qkv, anchor, s1, b1, acc, ms, ls, *qs, *as_, *geo, per, n_splits),
-            dict(D=D, BM=c1.BM, BN=c1.BN, PREC=prec), c1, dev)
+            dict(D=D, BM=c1.BM, BN=c1.BN, PREC=prec, **gc), c1, dev)
     z = torch.empty((BWH, N2, D), dtype=torch.float32, device=dev)
     lse1 = torch.empty((BWH, N2), dtype=torch.float32, device=dev)
     cc = Config(min(32, _p2(N2)), 16)
@@ -224,17 +301,15 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
     del acc, ms, ls
 
     # stage 2: tokens over anchors, written in place into (B, H*W, C)
-    out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
     lse2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
-    c2 = choose_config("fwd", N1, N2, D, qkv.dtype)
+    c2 = choose_config("fwd", N1, N2, D, qkv.dtype, device_arch(dev))
     _launch("stripe_fwd_tokens", (BWH, -(-N1 // c2.BM)),
             (qkv, anchor, s2, b2, z, out, lse2, *qs, *as_, *out.stride(), *geo),
-            dict(D=D, BM=c2.BM, BN=c2.BN, PREC=prec), c2, dev)
+            dict(D=D, BM=c2.BM, BN=c2.BN, PREC=prec, **gc), c2, dev)
     return out, z, lse1, lse2
 
 
-def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale2, bias2, out, z, lse1, lse2,
-                    deterministic: bool):
+def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale2, bias2, out, z, lse1, lse2):
     B, L, C, d = _check_inputs(qkv, nh)
     D = head_pad(d)
     dev = qkv.device
@@ -247,36 +322,33 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     b1, b2 = _bias_arg(bias1), _bias_arg(bias2)
     qs, as_, os_, gs = qkv.stride(), anchor.stride(), out.stride(), grad.stride()
     R = g.table_rows
-    cdt = dict(DETERMINISTIC=bool(deterministic))
 
     dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
     danchor = torch.empty(anchor.shape, dtype=anchor.dtype, device=dev)
-    one = torch.ones(1, dtype=torch.float32, device=dev)
+    gc = stripe_geo_constexprs(g, d, row_align(qkv, anchor, out, grad, dqkv, danchor))
 
-    # 1. tokens, stage 2: Delta2, dq, tau2 and bias2 gradients
-    ct = choose_config("bwd", N1, N2, D, qkv.dtype)
+    # 1. tokens, stage 2: Delta2, dq, tau2 gradient
+    ct = choose_config("bwd", N1, N2, D, qkv.dtype, device_arch(dev))
     tblocks = -(-N1 // ct.BM)
     delta2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
-    dbias2 = _bias_grad_buffer(nh, R, dev, deterministic)
     dtau2 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
-    fx2 = one
-    if deterministic:  # sum_i |dS2[j, i]| <= 2 |dY_j| max|Z|
-        bound = 2 * _row_norms(grad, B, L, nh, d).sum() * torch.linalg.vector_norm(z, dim=-1).max()
-        fx2 = _fixed_point_scale(bound)
     _launch("stripe_bwd_tokens2", (BWH, tblocks),
-            (qkv, anchor, s2, b2, z, out, grad, lse2, delta2, dqkv, dbias2, dtau2, fx2,
+            (qkv, anchor, s2, b2, z, out, grad, lse2, delta2, dqkv, dtau2,
              *qs, *as_, *os_, *gs, *dqkv.stride(), *geo),
-            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **cdt), ct, dev)
+            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **gc), ct, dev)
+    dbias2 = _bias_grad("stripe_bwd_bias2_partial", (qkv, anchor, s2, b2, z, grad, lse2, delta2), (*qs, *as_, *gs),
+                        geo, gc, B * nW, nh, N1, N2, D, qkv.dtype, prec, (g.sh, g.sw, g.ah, g.aw, g.ah - 1, g.aw - 1,
+                                                                       g.table_w), R, bias2, dev)
 
     # 2. anchors, stage 2: dZ and the stage-2 part of d(a_hat), split over token blocks
-    ca = choose_config("bwd", N2, N1, D, qkv.dtype)
+    ca = choose_config("bwd", N2, N1, D, qkv.dtype, device_arch(dev))
     ablocks = -(-N2 // ca.BM)
     n_splits, per = _splits(dev, BWH * ablocks, -(-N1 // ca.BN))
     dzp = torch.empty((n_splits, BWH, N2, D), dtype=torch.float32, device=dev)
     dap2 = torch.empty_like(dzp)
     _launch("stripe_bwd_anchors2", (BWH, ablocks, n_splits),
             (qkv, anchor, s2, b2, z, grad, lse2, delta2, dzp, dap2, *qs, *as_, *gs, *geo, per, BWH),
-            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec), ca, dev)
+            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec, **gc), ca, dev)
     dz = dzp.sum(0) if n_splits > 1 else dzp[0]
     del dzp
     delta1 = (dz * z).sum(-1)
@@ -285,28 +357,25 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     dap1 = torch.empty_like(dap2)
     _launch("stripe_bwd_anchors1", (BWH, ablocks, n_splits),
             (qkv, anchor, s1, b1, dz, delta1, lse1, dap1, *qs, *as_, *geo, per, BWH),
-            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec), ca, dev)
+            dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec, **gc), ca, dev)
     dah = (dap1 + dap2).sum(0) if n_splits > 1 else dap1[0] + dap2[0]
     del dap1, dap2
     cf = Config(min(32, _p2(N2)), 16)
     _launch("stripe_bwd_anchor_finalize", (BWH, -(-N2 // cf.BM)),
-            (anchor, dah, danchor, *as_, *danchor.stride(), *geo), dict(D=D, BM=cf.BM), cf, dev)
+            (anchor, dah, danchor, *as_, *danchor.stride(), *geo), dict(D=D, BM=cf.BM, **gc), cf, dev)
 
-    # 4. tokens, stage 1: dk, dv, tau1 and bias1 gradients
-    dbias1 = _bias_grad_buffer(nh, R, dev, deterministic)
+    # 4. tokens, stage 1: dk, dv, tau1 gradient; then the bias1 gradient
     dtau1 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
-    fx1 = one
-    if deterministic:  # sum_j |dS1[i, j]| <= 2 |dZ_i| max|v|
-        vmax = _row_norms(qkv[..., 2 * C:], B, L, nh, d).max()
-        fx1 = _fixed_point_scale(2 * torch.linalg.vector_norm(dz, dim=-1).sum() * vmax)
     _launch("stripe_bwd_tokens1", (BWH, tblocks),
-            (qkv, anchor, s1, b1, dz, delta1, lse1, dqkv, dbias1, dtau1, fx1, *qs, *as_, *dqkv.stride(), *geo),
-            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **cdt), ct, dev)
+            (qkv, anchor, s1, b1, dz, delta1, lse1, dqkv, dtau1, *qs, *as_, *dqkv.stride(), *geo),
+            dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **gc), ct, dev)
+    dbias1 = _bias_grad("stripe_bwd_bias1_partial", (qkv, anchor, s1, b1, dz, lse1, delta1), (*qs, *as_),
+                        geo, gc, B * nW, nh, N2, N1, D, qkv.dtype, prec, (g.ah, g.aw, g.sh, g.sw, g.sh - 1, g.sw - 1,
+                                                                       g.table_w), R, bias1, dev)
 
     dscale1 = dtau1.view(B * nW, nh, tblocks).sum((0, 2)).to(scale1.dtype).reshape(scale1.shape)
     dscale2 = dtau2.view(B * nW, nh, tblocks).sum((0, 2)).to(scale2.dtype).reshape(scale2.shape)
-    return (dqkv, danchor, dscale1, _bias_grad_result(dbias1, fx1, bias1), dscale2,
-            _bias_grad_result(dbias2, fx2, bias2))
+    return dqkv, danchor, dscale1, dbias1, dscale2, dbias2
 
 
 # ---------------------------------------------------------------------------
@@ -320,15 +389,16 @@ def window_forward(qkv, g: WindowGeometry, nh: int, scale, bias):
     BWH = B * g.num_windows * nh
     out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
     lse = torch.empty((BWH, N), dtype=torch.float32, device=dev)
-    c = choose_config("fwd", N, N, D, qkv.dtype)
+    c = choose_config("fwd", N, N, D, qkv.dtype, device_arch(dev))
+    gc = window_geo_constexprs(g, d, row_align(qkv, out))
     _launch("window_fwd", (BWH, -(-N // c.BM)),
             (qkv, _scale_arg(scale), _bias_arg(bias), out, lse, *qkv.stride(), *out.stride(),
              *window_geo_args(g, nh, d)),
-            dict(D=D, BM=c.BM, BN=c.BN, PREC=_dot_precision(qkv.dtype)), c, dev)
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=_dot_precision(qkv.dtype), **gc), c, dev)
     return out, lse
 
 
-def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse, deterministic: bool):
+def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse):
     B, L, C, d = _check_inputs(qkv, nh)
     D = head_pad(d)
     dev = qkv.device
@@ -339,21 +409,22 @@ def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse
     geo = window_geo_args(g, nh, d)
     sc, bi = _scale_arg(scale), _bias_arg(bias)
     dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
+    gc = window_geo_constexprs(g, d, row_align(qkv, out, grad, dqkv))
     delta = torch.empty((BWH, N), dtype=torch.float32, device=dev)
-    dbias = _bias_grad_buffer(nh, g.table_rows, dev, deterministic)
-    c = choose_config("bwd", N, N, D, qkv.dtype)
+    c = choose_config("bwd", N, N, D, qkv.dtype, device_arch(dev))
     qblocks = -(-N // c.BM)
     dtau = torch.empty((BWH, qblocks), dtype=torch.float32, device=dev)
-    fx = torch.ones(1, dtype=torch.float32, device=dev)
-    if deterministic:  # sum_k |dS[q, k]| <= 2 |dO_q| max|v|
-        vmax = _row_norms(qkv[..., 2 * C:], B, L, nh, d).max()
-        fx = _fixed_point_scale(2 * _row_norms(grad, B, L, nh, d).sum() * vmax)
     _launch("window_bwd_dq", (BWH, qblocks),
-            (qkv, sc, bi, out, grad, lse, delta, dqkv, dbias, dtau, fx,
+            (qkv, sc, bi, out, grad, lse, delta, dqkv, dtau,
              *qkv.stride(), *out.stride(), *grad.stride(), *dqkv.stride(), *geo),
-            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, DETERMINISTIC=bool(deterministic)), c, dev)
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, **gc), c, dev)
     _launch("window_bwd_dkv", (BWH, qblocks),
             (qkv, sc, bi, grad, lse, delta, dqkv, *qkv.stride(), *grad.stride(), *dqkv.stride(), *geo),
-            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec), c, dev)
+            dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, **gc), c, dev)
+    ws = g.ws
+    dbias = _bias_grad("window_bwd_bias_partial", (qkv, sc, bi, grad, lse, delta),
+                       (*qkv.stride(), *grad.stride()),
+                       geo, gc, B * nW, nh, N, N, D, qkv.dtype, prec, (ws, ws, ws, ws, ws - 1, ws - 1, g.table_side),
+                       g.table_rows, bias, dev)
     dscale = dtau.view(B * nW, nh, qblocks).sum((0, 2)).to(scale.dtype).reshape(scale.shape)
-    return dqkv, dscale, _bias_grad_result(dbias, fx, bias)
+    return dqkv, dscale, dbias

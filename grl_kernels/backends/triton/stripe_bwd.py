@@ -5,15 +5,15 @@ log-sum-exps of both stages (log2 units). With P2 = softmax(S2), Y = P2 Z and
 P1 = softmax(S1), Z = P1 V, and dS = P * (dP - rowsum(dO * O)):
 
 1. ``stripe_bwd_tokens2`` (token blocks, loop over anchors): Delta2 = rowsum(dY * Y),
-   dq, the tau2 partials and the bias2 gradient (scatter by table row).
+   dq and the tau2 partials.
 2. ``stripe_bwd_anchors2`` (anchor blocks x token splits): dZ = P2^T dY and the
    stage-2 part of d(a_hat); partials per split, summed on the host.
 3. (host) dZ = sum of splits, Delta1 = rowsum(dZ * Z).
 4. ``stripe_bwd_anchors1`` (anchor blocks x token splits): stage-1 part of d(a_hat).
 5. ``stripe_bwd_anchor_finalize``: d(a_hat) -> d(anchor) through F.normalize, scattered
    to (B, H/f, W/f, C).
-6. ``stripe_bwd_tokens1`` (token blocks, loop over anchors): dk, dv, the tau1 partials
-   and the bias1 gradient.
+6. ``stripe_bwd_tokens1`` (token blocks, loop over anchors): dk, dv and the tau1 partials.
+7. the bias-table gradients of both stages: bias_grad.py (partials per tile, no atomics).
 
 The query/key/anchor gradients are accumulated against the normalised vectors and taken
 through F.normalize's backward per row at the end; no N1 x N2 map is ever stored.
@@ -22,39 +22,43 @@ import triton
 import triton.language as tl
 
 from .common import (
-    EPS, LOG2E, bias_grad_add, decode_bwh, grid_tile, inv_norm, load_rows, load_ws, logits, mma,
+    EPS, LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, load_ws, logits, mma,
     normalize_bwd, row_norm, unit_rows, store_rows, store_ws,
 )
 
 
 @triton.jit
 def stripe_bwd_tokens2(
-    QKV, ANC, SCALE, BIAS, Z, OUT, DOUT, LSE, DELTA, DQKV, DBIAS, DTAU, FX,
+    QKV, ANC, SCALE, BIAS, Z, OUT, DOUT, LSE, DELTA, DQKV, DTAU,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_ob, s_ol, s_oc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
-    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
+    sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N1: tl.constexpr = sh * sw
+    N2: tl.constexpr = ah * aw
+    Rw: tl.constexpr = sw + aw - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
     DT = QKV.dtype.element_ty
     b64 = b.to(tl.int64)
-    anc_b = ANC + b64 * s_ab
+    anc_b = ANC + tl.multiple_of(b64 * s_ab, AL)
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
-    dbias_h = DBIAS + h * R
-    fx = tl.load(FX)
 
     j = pid_m * BM + tl.arange(0, BM)
     vj = j < N1
     ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
     tpos = tr.to(tl.int64) * W + tc
-    q = load_rows(QKV + b64 * s_qb, tpos * s_ql, h * d, s_qc, d, vj, D)
+    q = load_rows(QKV + tl.multiple_of(b64 * s_qb, AL), tl.multiple_of(tpos * s_ql, AL), h * d, s_qc, d, vj, D, AL)
     nq = row_norm(q)
     inv_nq = 1.0 / tl.maximum(nq, EPS)
     sq = inv_nq * (tau * LOG2E)
-    do = load_rows(DOUT + b64 * s_gb, tpos * s_gl, h * d, s_gc, d, vj, D).to(DT)
-    o = load_rows(OUT + b64 * s_ob, tpos * s_ol, h * d, s_oc, d, vj, D)
+    do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(tpos * s_gl, AL), h * d, s_gc, d, vj, D,
+                   AL).to(DT)
+    o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(tpos * s_ol, AL), h * d, s_oc, d, vj, D, AL)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tok = pid.to(tl.int64) * N1 + j
     tl.store(DELTA + tok, delta, mask=vj)
@@ -66,7 +70,8 @@ def stripe_bwd_tokens2(
         i = ib * BN + tl.arange(0, BN)
         vi = i < N2
         au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
-        a = load_rows(anc_b, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+        aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+        a = load_rows(anc_b, aoff, h * d, s_ac, d, vi, D, AL)
         inv_na = inv_norm(a)
         r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
         s, raw = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
@@ -76,10 +81,9 @@ def stripe_bwd_tokens2(
         ds = p * (dp - delta[:, None])
         dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nq
         dqh += mma(ds.to(DT), unit_rows(a, inv_na, DT), PREC)
-        bias_grad_add(dbias_h, r, ds, vj[:, None] & vi[None, :], fx, DETERMINISTIC)
 
     dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
-    store_rows(DQKV + b64 * s_db, tpos * s_dl, h * d, s_dc, d, vj, dq, D)
+    store_rows(DQKV + tl.multiple_of(b64 * s_db, AL), tl.multiple_of(tpos * s_dl, AL), h * d, s_dc, d, vj, dq, D, AL)
     tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau, 0))
 
 
@@ -87,25 +91,31 @@ def stripe_bwd_tokens2(
 def stripe_bwd_anchors2(
     QKV, ANC, SCALE, BIAS, Z, DOUT, LSE, DELTA, DZP, DAP,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_gb, s_gl, s_gc,
-    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     blocks_per_split, BWH,
+    sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N1: tl.constexpr = sh * sw
+    N2: tl.constexpr = ah * aw
+    Rw: tl.constexpr = sw + aw - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
     DT = QKV.dtype.element_ty
     b64 = b.to(tl.int64)
-    qkv_b = QKV + b64 * s_qb
-    dout_b = DOUT + b64 * s_gb
+    qkv_b = QKV + tl.multiple_of(b64 * s_qb, AL)
+    dout_b = DOUT + tl.multiple_of(b64 * s_gb, AL)
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
 
     i = pid_m * BM + tl.arange(0, BM)
     vi = i < N2
     au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
-    a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+    aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+    a = load_rows(ANC + tl.multiple_of(b64 * s_ab, AL), aoff, h * d, s_ac, d, vi, D, AL)
     inv_na = inv_norm(a)
     sa = inv_na * (tau * LOG2E)
     zi = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
@@ -119,7 +129,7 @@ def stripe_bwd_anchors2(
         vj = j < N1
         ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
         tpos = tr.to(tl.int64) * W + tc
-        q = load_rows(qkv_b, tpos * s_ql, h * d, s_qc, d, vj, D)
+        q = load_rows(qkv_b, tl.multiple_of(tpos * s_ql, AL), h * d, s_qc, d, vj, D, AL)
         inv_nq = inv_norm(q)
         r = (ty[None, :] - au[:, None] + ah - 1) * Rw + (tx[None, :] - av[:, None] + aw - 1)
         s, _ = logits(a, sa, q, inv_nq, bias_h, r, aid, tid, vi, vj, PREC)
@@ -127,7 +137,7 @@ def stripe_bwd_anchors2(
         lse = tl.load(LSE + tok, mask=vj, other=0.0)
         delta = tl.load(DELTA + tok, mask=vj, other=0.0)
         p = tl.exp2(s - lse[None, :])
-        do = load_rows(dout_b, tpos * s_gl, h * d, s_gc, d, vj, D).to(DT)
+        do = load_rows(dout_b, tl.multiple_of(tpos * s_gl, AL), h * d, s_gc, d, vj, D, AL).to(DT)
         dz += mma(p.to(DT), do, PREC)
         dp = mma(zi, tl.trans(do), PREC)
         ds = p * (dp - delta[None, :])
@@ -142,24 +152,30 @@ def stripe_bwd_anchors2(
 def stripe_bwd_anchors1(
     QKV, ANC, SCALE, BIAS, DZ, DELTA, LSE, DAP,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac,
-    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     blocks_per_split, BWH,
+    sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N1: tl.constexpr = sh * sw
+    N2: tl.constexpr = ah * aw
+    Rw: tl.constexpr = sw + aw - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
     DT = QKV.dtype.element_ty
     b64 = b.to(tl.int64)
-    qkv_b = QKV + b64 * s_qb
+    qkv_b = QKV + tl.multiple_of(b64 * s_qb, AL)
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
 
     i = pid_m * BM + tl.arange(0, BM)
     vi = i < N2
     au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
-    a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+    aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+    a = load_rows(ANC + tl.multiple_of(b64 * s_ab, AL), aoff, h * d, s_ac, d, vi, D, AL)
     inv_na = inv_norm(a)
     sa = inv_na * (tau * LOG2E)
     arow = pid.to(tl.int64) * N2 + i
@@ -175,8 +191,8 @@ def stripe_bwd_anchors1(
         vj = j < N1
         ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
         toff = (tr.to(tl.int64) * W + tc) * s_ql
-        k = load_rows(qkv_b, toff, C + h * d, s_qc, d, vj, D)
-        v = load_rows(qkv_b, toff, 2 * C + h * d, s_qc, d, vj, D)
+        k = load_rows(qkv_b, tl.multiple_of(toff, AL), C + h * d, s_qc, d, vj, D, AL)
+        v = load_rows(qkv_b, tl.multiple_of(toff, AL), 2 * C + h * d, s_qc, d, vj, D, AL)
         inv_nk = inv_norm(k)
         r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
         s, _ = logits(a, sa, k, inv_nk, bias_h, r, aid, tid, vi, vj, PREC)
@@ -192,9 +208,14 @@ def stripe_bwd_anchors1(
 def stripe_bwd_anchor_finalize(
     ANC, DAH, DANC,
     s_ab, s_ah, s_aw, s_ac, s_eb, s_eh, s_ew, s_ec,
-    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
+    sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr,
 ):
+    N1: tl.constexpr = sh * sw
+    N2: tl.constexpr = ah * aw
+    Rw: tl.constexpr = sw + aw - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
@@ -202,39 +223,44 @@ def stripe_bwd_anchor_finalize(
     i = pid_m * BM + tl.arange(0, BM)
     vi = i < N2
     au, av, ar, ac, _ = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, 0, 0)
-    a = load_rows(ANC + b64 * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+    aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+    a = load_rows(ANC + tl.multiple_of(b64 * s_ab, AL), aoff, h * d, s_ac, d, vi, D, AL)
     na = row_norm(a)
     inv_na = 1.0 / tl.maximum(na, EPS)
     dah = load_ws(DAH, pid.to(tl.int64) * N2 + i, vi, D)
     da = normalize_bwd(a, inv_na, na, dah)
-    store_rows(DANC + b64 * s_eb, ar.to(tl.int64) * s_eh + ac.to(tl.int64) * s_ew, h * d, s_ec, d, vi, da, D)
+    store_rows(DANC + tl.multiple_of(b64 * s_eb, AL),
+               tl.multiple_of(ar.to(tl.int64) * s_eh + ac.to(tl.int64) * s_ew, AL), h * d, s_ec, d, vi, da, D, AL)
 
 
 @triton.jit
 def stripe_bwd_tokens1(
-    QKV, ANC, SCALE, BIAS, DZ, DELTA, LSE, DQKV, DBIAS, DTAU, FX,
+    QKV, ANC, SCALE, BIAS, DZ, DELTA, LSE, DQKV, DTAU,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_db, s_dl, s_dc,
-    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
+    sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N1: tl.constexpr = sh * sw
+    N2: tl.constexpr = ah * aw
+    Rw: tl.constexpr = sw + aw - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
     DT = QKV.dtype.element_ty
     b64 = b.to(tl.int64)
-    anc_b = ANC + b64 * s_ab
+    anc_b = ANC + tl.multiple_of(b64 * s_ab, AL)
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
-    dbias_h = DBIAS + h * R
-    fx = tl.load(FX)
 
     j = pid_m * BM + tl.arange(0, BM)
     vj = j < N1
     ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
     tpos = tr.to(tl.int64) * W + tc
-    qkv_b = QKV + b64 * s_qb
-    k = load_rows(qkv_b, tpos * s_ql, C + h * d, s_qc, d, vj, D)
-    v = load_rows(qkv_b, tpos * s_ql, 2 * C + h * d, s_qc, d, vj, D)
+    qkv_b = QKV + tl.multiple_of(b64 * s_qb, AL)
+    k = load_rows(qkv_b, tl.multiple_of(tpos * s_ql, AL), C + h * d, s_qc, d, vj, D, AL)
+    v = load_rows(qkv_b, tl.multiple_of(tpos * s_ql, AL), 2 * C + h * d, s_qc, d, vj, D, AL)
     nk = row_norm(k)
     inv_nk = 1.0 / tl.maximum(nk, EPS)
     sk = inv_nk * (tau * LOG2E)
@@ -246,7 +272,8 @@ def stripe_bwd_tokens1(
         i = ib * BN + tl.arange(0, BN)
         vi = i < N2
         au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
-        a = load_rows(anc_b, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+        aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+        a = load_rows(anc_b, aoff, h * d, s_ac, d, vi, D, AL)
         inv_na = inv_norm(a)
         r = (au[None, :] - ty[:, None] + sh - 1) * Rw + (av[None, :] - tx[:, None] + sw - 1)
         s, raw = logits(k, sk, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
@@ -260,10 +287,9 @@ def stripe_bwd_tokens1(
         ds = p * (dp - delta[None, :])
         dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nk
         dkh += mma(ds.to(DT), unit_rows(a, inv_na, DT), PREC)
-        bias_grad_add(dbias_h, r, ds, vj[:, None] & vi[None, :], fx, DETERMINISTIC)
 
     dk = normalize_bwd(k, inv_nk, nk, dkh * tau)
-    dqkv_b = DQKV + b64 * s_db
-    store_rows(dqkv_b, tpos * s_dl, C + h * d, s_dc, d, vj, dk, D)
-    store_rows(dqkv_b, tpos * s_dl, 2 * C + h * d, s_dc, d, vj, dv, D)
+    dqkv_b = DQKV + tl.multiple_of(b64 * s_db, AL)
+    store_rows(dqkv_b, tl.multiple_of(tpos * s_dl, AL), C + h * d, s_dc, d, vj, dk, D, AL)
+    store_rows(dqkv_b, tl.multiple_of(tpos * s_dl, AL), 2 * C + h * d, s_dc, d, vj, dv, D, AL)
     tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau, 0))

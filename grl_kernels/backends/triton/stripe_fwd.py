@@ -8,9 +8,11 @@ Stage 2 (``stripe_fwd_tokens``): every program takes a block of tokens, loops ov
 window's anchors (N2 <= 648), and writes its rows of Y straight into (B, H*W, C).
 
 Geometry arguments, in this order in every stripe kernel (see launcher.stripe_geo_args):
-H, W, sh, sw, th, tw (token roll), mth, mtw (token mask shifts: 0 when not shifted),
-Ha, Wa, ah, aw, tah, taw, mtah, mtaw (the same on the anchor grid), nWw, nW, nh, d, C,
-N1, N2, Rw (table row stride), R (table rows).
+H, W, th, tw (token roll), mth, mtw (token mask shifts: 0 when not shifted), Ha, Wa, tah, taw,
+mtah, mtaw (the same on the anchor grid), nWw, nW, nh, R (table rows). Fixed per model and
+compiled in (constexpr, launcher.stripe_geo_constexprs): sh, sw (stripe), ah, aw (anchor
+window), d (head dim), AL (row alignment); N1 = sh*sw, N2 = ah*aw, Rw = sw + aw - 1 (table row
+stride) and C = nh*d follow. Index math by constexpr sizes compiles to multiply-shift sequences.
 """
 import triton
 import triton.language as tl
@@ -25,23 +27,29 @@ from .common import (
 def stripe_fwd_anchor_partial(
     QKV, ANC, SCALE, BIAS, ACC, MS, LS,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac,
-    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     blocks_per_split, n_splits,
+    sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N1: tl.constexpr = sh * sw
+    N2: tl.constexpr = ah * aw
+    Rw: tl.constexpr = sw + aw - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_s = tl.program_id(2)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
     DT = QKV.dtype.element_ty
-    qkv_b = QKV + b.to(tl.int64) * s_qb
+    qkv_b = QKV + tl.multiple_of(b.to(tl.int64) * s_qb, AL)
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
 
     i = pid_m * BM + tl.arange(0, BM)
     vi = i < N2
     au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
-    a = load_rows(ANC + b.to(tl.int64) * s_ab, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+    aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+    a = load_rows(ANC + tl.multiple_of(b.to(tl.int64) * s_ab, AL), aoff, h * d, s_ac, d, vi, D, AL)
     inv_na = inv_norm(a)
     sa = inv_na * (tau * LOG2E)
 
@@ -55,8 +63,8 @@ def stripe_fwd_anchor_partial(
         vj = j < N1
         ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
         toff = (tr.to(tl.int64) * W + tc) * s_ql
-        k = load_rows(qkv_b, toff, C + h * d, s_qc, d, vj, D)
-        v = load_rows(qkv_b, toff, 2 * C + h * d, s_qc, d, vj, D)
+        k = load_rows(qkv_b, tl.multiple_of(toff, AL), C + h * d, s_qc, d, vj, D, AL)
+        v = load_rows(qkv_b, tl.multiple_of(toff, AL), 2 * C + h * d, s_qc, d, vj, D, AL)
         inv_nk = inv_norm(k)
         r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
         s, _ = logits(a, sa, k, inv_nk, bias_h, r, aid, tid, vi, vj, PREC)
@@ -94,14 +102,19 @@ def stripe_fwd_combine(ACC, MS, LS, Z, LSE, N2, n_splits, D: tl.constexpr, BM: t
 def stripe_fwd_tokens(
     QKV, ANC, SCALE, BIAS, Z, OUT, LSE,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_ob, s_ol, s_oc,
-    H, W, sh, sw, th, tw, mth, mtw, Ha, Wa, ah, aw, tah, taw, mtah, mtaw, nWw, nW, nh, d, C, N1, N2, Rw, R,
+    H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
+    sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N1: tl.constexpr = sh * sw
+    N2: tl.constexpr = ah * aw
+    Rw: tl.constexpr = sw + aw - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
     DT = QKV.dtype.element_ty
-    anc_b = ANC + b.to(tl.int64) * s_ab
+    anc_b = ANC + tl.multiple_of(b.to(tl.int64) * s_ab, AL)
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
 
@@ -109,7 +122,8 @@ def stripe_fwd_tokens(
     vj = j < N1
     ty, tx, tr, tc, tid = grid_tile(j, wy, wx, sh, sw, H, W, th, tw, mth, mtw)
     tpos = tr.to(tl.int64) * W + tc
-    q = load_rows(QKV + b.to(tl.int64) * s_qb, tpos * s_ql, h * d, s_qc, d, vj, D)
+    q = load_rows(QKV + tl.multiple_of(b.to(tl.int64) * s_qb, AL), tl.multiple_of(tpos * s_ql, AL), h * d, s_qc, d, vj,
+                  D, AL)
     inv_nq = inv_norm(q)
     sq = inv_nq * (tau * LOG2E)
 
@@ -120,12 +134,14 @@ def stripe_fwd_tokens(
         i = ib * BN + tl.arange(0, BN)
         vi = i < N2
         au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
-        a = load_rows(anc_b, ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, h * d, s_ac, d, vi, D)
+        aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+        a = load_rows(anc_b, aoff, h * d, s_ac, d, vi, D, AL)
         inv_na = inv_norm(a)
         r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
         s, _ = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
         z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
         m, l, acc = online_softmax_step(m, l, acc, s, z, DT, PREC)
 
-    store_rows(OUT + b.to(tl.int64) * s_ob, tpos * s_ol, h * d, s_oc, d, vj, acc / l[:, None], D)
+    store_rows(OUT + tl.multiple_of(b.to(tl.int64) * s_ob, AL), tl.multiple_of(tpos * s_ol, AL), h * d, s_oc, d, vj,
+               acc / l[:, None], D, AL)
     tl.store(LSE + pid.to(tl.int64) * N1 + j, m + tl.log2(l), mask=vj)

@@ -1,46 +1,49 @@
 """Backward kernels of window attention (FlashAttention-2 style, from the saved log-sum-exp).
 
-``window_bwd_dq`` (query blocks, loop over keys): Delta = rowsum(dO * O), dq, the tau
-partials and the bias-table gradient. ``window_bwd_dkv`` (key blocks, loop over queries,
+``window_bwd_dq`` (query blocks, loop over keys): Delta = rowsum(dO * O), dq and the tau
+partials (the bias-table gradient: bias_grad.py, without atomics). ``window_bwd_dkv`` (key blocks, loop over queries,
 after the first kernel so Delta is complete): dk and dv.
 """
 import triton
 import triton.language as tl
 
 from .common import (
-    EPS, LOG2E, bias_grad_add, decode_bwh, grid_tile, inv_norm, load_rows, logits, mma, normalize_bwd,
+    EPS, LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, logits, mma, normalize_bwd,
     row_norm, store_rows, unit_rows,
 )
 
 
 @triton.jit
 def window_bwd_dq(
-    QKV, SCALE, BIAS, OUT, DOUT, LSE, DELTA, DQKV, DBIAS, DTAU, FX,
+    QKV, SCALE, BIAS, OUT, DOUT, LSE, DELTA, DQKV, DTAU,
     s_qb, s_ql, s_qc, s_ob, s_ol, s_oc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
-    H, W, ws, t, nWw, nW, nh, d, C, N, Rw, R,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    H, W, t, nWw, nW, nh, R,
+    ws: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N: tl.constexpr = ws * ws
+    Rw: tl.constexpr = 2 * ws - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
     DT = QKV.dtype.element_ty
     b64 = b.to(tl.int64)
-    qkv_b = QKV + b64 * s_qb
+    qkv_b = QKV + tl.multiple_of(b64 * s_qb, AL)
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
-    dbias_h = DBIAS + h * R
-    fx = tl.load(FX)
 
     j = pid_m * BM + tl.arange(0, BM)
     vq = j < N
     qy, qx, qr, qc, qid = grid_tile(j, wy, wx, ws, ws, H, W, t, t, t, t)
     qpos = qr.to(tl.int64) * W + qc
-    q = load_rows(qkv_b, qpos * s_ql, h * d, s_qc, d, vq, D)
+    q = load_rows(qkv_b, tl.multiple_of(qpos * s_ql, AL), h * d, s_qc, d, vq, D, AL)
     nq = row_norm(q)
     inv_nq = 1.0 / tl.maximum(nq, EPS)
     sq = inv_nq * (tau * LOG2E)
-    do = load_rows(DOUT + b64 * s_gb, qpos * s_gl, h * d, s_gc, d, vq, D).to(DT)
-    o = load_rows(OUT + b64 * s_ob, qpos * s_ol, h * d, s_oc, d, vq, D)
+    do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(qpos * s_gl, AL), h * d, s_gc, d, vq, D,
+                   AL).to(DT)
+    o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq, D, AL)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = pid.to(tl.int64) * N + j
     tl.store(DELTA + row, delta, mask=vq)
@@ -53,8 +56,8 @@ def window_bwd_dq(
         vk = jk < N
         ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
         koff = (kr.to(tl.int64) * W + kc) * s_ql
-        k = load_rows(qkv_b, koff, C + h * d, s_qc, d, vk, D)
-        v = load_rows(qkv_b, koff, 2 * C + h * d, s_qc, d, vk, D)
+        k = load_rows(qkv_b, tl.multiple_of(koff, AL), C + h * d, s_qc, d, vk, D, AL)
+        v = load_rows(qkv_b, tl.multiple_of(koff, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
         inv_nk = inv_norm(k)
         r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
         s, raw = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
@@ -63,10 +66,9 @@ def window_bwd_dq(
         ds = p * (dp - delta[:, None])
         dtau += tl.sum(ds * raw * inv_nk[None, :], 1) * inv_nq
         dqh += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
-        bias_grad_add(dbias_h, r, ds, vq[:, None] & vk[None, :], fx, DETERMINISTIC)
 
     dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
-    store_rows(DQKV + b64 * s_db, qpos * s_dl, h * d, s_dc, d, vq, dq, D)
+    store_rows(DQKV + tl.multiple_of(b64 * s_db, AL), tl.multiple_of(qpos * s_dl, AL), h * d, s_dc, d, vq, dq, D, AL)
     tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau, 0))
 
 
@@ -74,16 +76,20 @@ def window_bwd_dq(
 def window_bwd_dkv(
     QKV, SCALE, BIAS, DOUT, LSE, DELTA, DQKV,
     s_qb, s_ql, s_qc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
-    H, W, ws, t, nWw, nW, nh, d, C, N, Rw, R,
+    H, W, t, nWw, nW, nh, R,
+    ws: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N: tl.constexpr = ws * ws
+    Rw: tl.constexpr = 2 * ws - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
     DT = QKV.dtype.element_ty
     b64 = b.to(tl.int64)
-    qkv_b = QKV + b64 * s_qb
-    dout_b = DOUT + b64 * s_gb
+    qkv_b = QKV + tl.multiple_of(b64 * s_qb, AL)
+    dout_b = DOUT + tl.multiple_of(b64 * s_gb, AL)
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
 
@@ -91,8 +97,8 @@ def window_bwd_dkv(
     vk = jk < N
     ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
     kpos = kr.to(tl.int64) * W + kc
-    k = load_rows(qkv_b, kpos * s_ql, C + h * d, s_qc, d, vk, D)
-    v = load_rows(qkv_b, kpos * s_ql, 2 * C + h * d, s_qc, d, vk, D)
+    k = load_rows(qkv_b, tl.multiple_of(kpos * s_ql, AL), C + h * d, s_qc, d, vk, D, AL)
+    v = load_rows(qkv_b, tl.multiple_of(kpos * s_ql, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
     nk = row_norm(k)
     inv_nk = 1.0 / tl.maximum(nk, EPS)
     sk = inv_nk * (tau * LOG2E)
@@ -104,7 +110,7 @@ def window_bwd_dkv(
         vq = j < N
         qy, qx, qr, qc, qid = grid_tile(j, wy, wx, ws, ws, H, W, t, t, t, t)
         qpos = qr.to(tl.int64) * W + qc
-        q = load_rows(qkv_b, qpos * s_ql, h * d, s_qc, d, vq, D)
+        q = load_rows(qkv_b, tl.multiple_of(qpos * s_ql, AL), h * d, s_qc, d, vq, D, AL)
         inv_nq = inv_norm(q)
         r = (qy[None, :] - ky[:, None] + ws - 1) * Rw + (qx[None, :] - kx[:, None] + ws - 1)
         s, _ = logits(k, sk, q, inv_nq, bias_h, r, kid, qid, vk, vq, PREC)
@@ -112,13 +118,13 @@ def window_bwd_dkv(
         lse = tl.load(LSE + row, mask=vq, other=0.0)
         delta = tl.load(DELTA + row, mask=vq, other=0.0)
         p = tl.exp2(s - lse[None, :])
-        do = load_rows(dout_b, qpos * s_gl, h * d, s_gc, d, vq, D).to(DT)
+        do = load_rows(dout_b, tl.multiple_of(qpos * s_gl, AL), h * d, s_gc, d, vq, D, AL).to(DT)
         dv += mma(p.to(DT), do, PREC)
         dp = mma(v, tl.trans(do), PREC)
         ds = p * (dp - delta[None, :])
         dkh += mma(ds.to(DT), unit_rows(q, inv_nq, DT), PREC)
 
     dk = normalize_bwd(k, inv_nk, nk, dkh * tau)
-    dqkv_b = DQKV + b64 * s_db
-    store_rows(dqkv_b, kpos * s_dl, C + h * d, s_dc, d, vk, dk, D)
-    store_rows(dqkv_b, kpos * s_dl, 2 * C + h * d, s_dc, d, vk, dv, D)
+    dqkv_b = DQKV + tl.multiple_of(b64 * s_db, AL)
+    store_rows(dqkv_b, tl.multiple_of(kpos * s_dl, AL), C + h * d, s_dc, d, vk, dk, D, AL)
+    store_rows(dqkv_b, tl.multiple_of(kpos * s_dl, AL), 2 * C + h * d, s_dc, d, vk, dv, D, AL)

@@ -6,7 +6,8 @@ keys (N = ws*ws <= 1296) with an online softmax, reading q/k/v in place from qkv
 (B, H*W, C), plus the per-row log-sum-exp (log2 units) for the backward.
 
 Geometry arguments, in this order in every window kernel (see launcher.window_geo_args):
-H, W, ws, t (shift, also the mask shift), nWw, nW, nh, d, C, N, Rw (= 2 ws - 1), R.
+H, W, t (shift, also the mask shift), nWw, nW, nh, R; compiled in (constexpr): ws, d, AL, and
+from them N = ws*ws, Rw = 2 ws - 1, C = nh*d.
 """
 import triton
 import triton.language as tl
@@ -20,14 +21,18 @@ from .common import (
 def window_fwd(
     QKV, SCALE, BIAS, OUT, LSE,
     s_qb, s_ql, s_qc, s_ob, s_ol, s_oc,
-    H, W, ws, t, nWw, nW, nh, d, C, N, Rw, R,
+    H, W, t, nWw, nW, nh, R,
+    ws: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
 ):
+    N: tl.constexpr = ws * ws
+    Rw: tl.constexpr = 2 * ws - 1
+    C = nh * d  # computed here, not passed: its divisibility (from d) is then known
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     b, h, wy, wx = decode_bwh(pid, nh, nW, nWw)
     DT = QKV.dtype.element_ty
-    qkv_b = QKV + b.to(tl.int64) * s_qb
+    qkv_b = QKV + tl.multiple_of(b.to(tl.int64) * s_qb, AL)
     tau = tl.load(SCALE + h).to(tl.float32)
     bias_h = BIAS + h * R
 
@@ -35,7 +40,7 @@ def window_fwd(
     vq = j < N
     qy, qx, qr, qc, qid = grid_tile(j, wy, wx, ws, ws, H, W, t, t, t, t)
     qpos = qr.to(tl.int64) * W + qc
-    q = load_rows(qkv_b, qpos * s_ql, h * d, s_qc, d, vq, D)
+    q = load_rows(qkv_b, tl.multiple_of(qpos * s_ql, AL), h * d, s_qc, d, vq, D, AL)
     inv_nq = inv_norm(q)
     sq = inv_nq * (tau * LOG2E)
 
@@ -47,12 +52,13 @@ def window_fwd(
         vk = jk < N
         ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
         koff = (kr.to(tl.int64) * W + kc) * s_ql
-        k = load_rows(qkv_b, koff, C + h * d, s_qc, d, vk, D)
-        v = load_rows(qkv_b, koff, 2 * C + h * d, s_qc, d, vk, D)
+        k = load_rows(qkv_b, tl.multiple_of(koff, AL), C + h * d, s_qc, d, vk, D, AL)
+        v = load_rows(qkv_b, tl.multiple_of(koff, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
         inv_nk = inv_norm(k)
         r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
         s, _ = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
         m, l, acc = online_softmax_step(m, l, acc, s, v, DT, PREC)
 
-    store_rows(OUT + b.to(tl.int64) * s_ob, qpos * s_ol, h * d, s_oc, d, vq, acc / l[:, None], D)
+    store_rows(OUT + tl.multiple_of(b.to(tl.int64) * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq,
+               acc / l[:, None], D, AL)
     tl.store(LSE + pid.to(tl.int64) * N + j, m + tl.log2(l), mask=vq)
