@@ -9,7 +9,9 @@ For each published geometry (float32, 256 x 256 feature map by default) it measu
   included), plus for the cpu kernels their per-thread scratch (std::vector, outside torch's
   allocator), computed from the geometry and added so the comparison is not flattered.
 Times are medians of --repeat runs after --warmup runs; the machine's load matters, so
-compare ratios measured in the same run.
+compare ratios measured in the same run. ``--dtype bfloat16`` runs the cpu kernels on
+bfloat16 inputs (parameters float32) against the reference in float32 (the published
+module's dtype), in the same run.
 """
 from __future__ import annotations
 
@@ -61,17 +63,25 @@ def timeit(fn, repeat: int, warmup: int) -> float:
 
 
 def cpu_scratch_bytes(kind: str, geom, d: int, threads: int) -> int:
-    """Per-task std::vector scratch of the forward kernels (csrc/cpu/grl_cpu_stripe.cpp,
-    grl_cpu_window.cpp; live once per thread), outside torch's allocator."""
+    """Per-task std::vector scratch of the forward kernels (csrc/cpu/grl_cpu_stripe_impl.h,
+    grl_cpu_window_impl.h; live once per thread), outside torch's allocator. Counted at 4
+    bytes per element (bfloat16 tiles take 2: an upper bound)."""
     dp = (d + 15) // 16 * 16
     if kind == "stripe":
         n2, blk = geom.n2, 64
-        floats = 2 * n2 * dp + d * n2 + 3 * n2 + d * blk + 3 * blk * dp + 2 * blk * n2 + blk
-        other = 8 * (2 * n2 + 3 * blk) + 4 * (n2 + blk)
-        return threads * (4 * floats + other)
+        n2p = (n2 + 15) // 16 * 16
+        tiles = 2 * n2 * dp + d * n2p + d * blk + n2 * dp + blk * dp + blk * n2  # aA/ahat, aB, kB, zB, qA, P2
+        accs = blk * dp + n2 * blk + blk * n2p + n2 * dp + blk * dp + 3 * n2 + blk  # vB, S, S2, Z, Yb, m, l, norms
+        other = 8 * (2 * n2 + 3 * blk) + 4 * (n2 + blk) + 24 * blk
+        return threads * (4 * (tiles + accs) + other)
     n, mb = geom.n, min(32, geom.n)
-    floats = 2 * n * dp + d * n + 2 * n + 2 * mb * n + mb * dp
+    np_ = (n + 15) // 16 * 16
+    floats = n * d + d * np_ + n * dp + 2 * n + mb * np_ + mb * n + mb * dp  # qA, kB, vB, norms, S, P, Y
     return threads * (4 * floats + 8 * 2 * n + 4 * n)
+
+
+def _cast(inputs, n, dtype):
+    return [t.to(dtype) if i < n else t for i, t in enumerate(inputs)]
 
 
 def build(kind, args, size, batch):
@@ -100,13 +110,15 @@ def build(kind, args, size, batch):
     return geom, inputs, call, window_attention_reference, cpu_backend.window
 
 
-def run_config(name, size, batch, repeat, warmup, use_compile):
+def run_config(name, size, batch, repeat, warmup, use_compile, dtype=torch.float32):
     kind, args = CONFIGS[name]
     geom, inputs, call, ref, cpu = build(kind, args, size, batch)
-    row = {"config": name, "size": size, "batch": batch, "threads": torch.get_num_threads()}
+    cpu_inputs = _cast(inputs, 2 if kind == "stripe" else 1, dtype)  # qkv (and anchor) in dtype
+    row = {"config": name, "size": size, "batch": batch, "threads": torch.get_num_threads(),
+           "cpu_dtype": str(dtype).replace("torch.", "")}
     with torch.no_grad():
         row["ref_fwd_ms"] = timeit(lambda: call(ref, inputs), repeat, warmup)
-        row["cpu_fwd_ms"] = timeit(lambda: call(cpu, inputs), repeat, warmup)
+        row["cpu_fwd_ms"] = timeit(lambda: call(cpu, cpu_inputs), repeat, warmup)
         if use_compile:
             # fresh dynamo state per config: the lambda's code object is shared between configs,
             # and recompiling it for new shapes would switch dynamo to (slower) dynamic shapes
@@ -114,17 +126,18 @@ def run_config(name, size, batch, repeat, warmup, use_compile):
             compiled = torch.compile(lambda *ins: call(ref, list(ins)))
             row["compiled_fwd_ms"] = timeit(lambda: compiled(*inputs), repeat, max(warmup, 2))
         row["ref_fwd_peak_mb"] = peak_alloc_bytes(lambda: call(ref, inputs)) / 2**20
-        row["cpu_fwd_peak_mb"] = (peak_alloc_bytes(lambda: call(cpu, inputs))
+        row["cpu_fwd_peak_mb"] = (peak_alloc_bytes(lambda: call(cpu, cpu_inputs))
                                   + cpu_scratch_bytes(kind, geom, args["d"], torch.get_num_threads())) / 2**20
     leaves = [t.clone().requires_grad_(True) for t in inputs]
+    cpu_leaves = [t.clone().requires_grad_(True) for t in cpu_inputs]
     go = torch.randn_like(call(ref, inputs))
 
-    def fwd_bwd(impl):
-        out = call(impl, leaves)
-        torch.autograd.grad(out, leaves, go)
+    def fwd_bwd(impl, ls):
+        out = call(impl, ls)
+        torch.autograd.grad(out, ls, go.to(out.dtype))
 
-    row["ref_fwdbwd_ms"] = timeit(lambda: fwd_bwd(ref), max(1, repeat // 2), 1)
-    row["cpu_fwdbwd_ms"] = timeit(lambda: fwd_bwd(cpu), max(1, repeat // 2), 1)
+    row["ref_fwdbwd_ms"] = timeit(lambda: fwd_bwd(ref, leaves), max(1, repeat // 2), 1)
+    row["cpu_fwdbwd_ms"] = timeit(lambda: fwd_bwd(cpu, cpu_leaves), max(1, repeat // 2), 1)
     row["fwd_speedup"] = row["ref_fwd_ms"] / row["cpu_fwd_ms"]
     if use_compile:
         row["fwd_speedup_vs_compiled"] = row["compiled_fwd_ms"] / row["cpu_fwd_ms"]
@@ -142,6 +155,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) column")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the cpu kernels' inputs (the reference always runs float32)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = p.parse_args(argv)
     if a.threads:
@@ -150,10 +165,15 @@ def main(argv=None):
     rows = []
     hdr = (f"{'config':<12} {'ref fwd':>9} {'compiled':>9} {'cpu fwd':>9} {'x ref':>6} {'x comp':>6} "
            f"{'ref f+b':>9} {'cpu f+b':>9} {'x ref':>6} {'ref MB':>8} {'cpu MB':>8} {'ratio':>6}")
-    print(f"float32, {a.size}x{a.size}, batch {a.batch}, {torch.get_num_threads()} threads; times in ms (median)")
+    dtype = getattr(torch, a.dtype)
+    from grl_kernels.backends.extension import ops
+
+    print(f"reference float32, cpu kernels {a.dtype}, {a.size}x{a.size}, batch {a.batch}, "
+          f"{torch.get_num_threads()} threads; times in ms (median)")
+    print(f"cpu kernel path: {ops.cpu_path()}")
     print(hdr)
     for name in a.configs:
-        r = run_config(name, a.size, a.batch, a.repeat, a.warmup, not a.no_compile)
+        r = run_config(name, a.size, a.batch, a.repeat, a.warmup, not a.no_compile, dtype)
         rows.append(r)
         comp = f"{r['compiled_fwd_ms']:9.1f}" if "compiled_fwd_ms" in r else f"{'-':>9}"
         xcomp = f"{r['fwd_speedup_vs_compiled']:6.2f}" if "fwd_speedup_vs_compiled" in r else f"{'-':>6}"
@@ -162,7 +182,7 @@ def main(argv=None):
               f"{r['ref_fwd_peak_mb']:8.1f} {r['cpu_fwd_peak_mb']:8.1f} {r['fwd_peak_ratio']:6.3f}", flush=True)
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump({"torch": torch.__version__, "rows": rows}, fh, indent=2)
+            json.dump({"torch": torch.__version__, "cpu_path": ops.cpu_path(), "rows": rows}, fh, indent=2)
     return 0
 
 

@@ -149,14 +149,25 @@ def test_window_gradcheck_float64():
     assert torch.autograd.gradcheck(fn, [qkv, scale, bias], eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-# bfloat16: the kernel reads bf16, accumulates in float32 and rounds once at the end, so
-# its error against a float32 reference on the SAME rounded inputs is one bf16 rounding
-# of the result: <= 2^-8 of max(1, |ref|) (bf16 has an 8-bit significand). Parameter
-# gradients stay float32 (the parameters are float32): float32 accumulation over the
-# ~2000 products of each sum, observed <= 1.9e-6 (tau and bias tables, stripe and window);
-# PARAM_TOL is ~5x that (it was 1e-4, 50x above what the code reaches).
+# bfloat16: the kernel reads bf16 and accumulates in float32. Gradients (float32 tiles) and
+# the output of the float32-tile paths round once at the end: <= 2^-8 of max(1, |ref|)
+# against a float32 reference on the SAME rounded inputs (bf16 has an 8-bit significand).
+# On AVX512-BF16 machines the forward's P v and P Z products run on bf16 tiles, which
+# round the probabilities and Z once more (the cosines stay float32-accurate: raw bf16
+# rows, float32 norms): there the output may reach 2^-7, and the contract is "no worse
+# than 2x the reference's own bf16 error" (that error is ~0.03 on these cases, 4-10x ours).
+# Parameter gradients stay float32 (the parameters are float32): float32 accumulation over
+# the ~2000 products of each sum, observed <= 1.9e-6 (tau and bias tables, stripe and window);
+# PARAM_TOL is ~5x that.
 BF16_TOL = 2.0 ** -8
 PARAM_TOL = 1e-5
+BF16_OUT_TOL = 2.0 ** -7
+
+
+def _bf16_out_tol(ref_bf16_out, ref32_out):
+    """Output bound of a bf16 forward: one more rounding than BF16_TOL, and never worse
+    than twice the reference's own bf16 error."""
+    return min(BF16_OUT_TOL, 2 * max_scaled_error(ref_bf16_out, ref32_out))
 
 
 @pytest.mark.parametrize("name", ["H-groups-shifted", "nonsquare-d30"])
@@ -167,8 +178,10 @@ def test_stripe_bfloat16(name):
     go = torch.randn(raw[0].shape[0], raw[0].shape[1], raw[1].shape[-1]).bfloat16()  # same rounded grad for both
     out_32, g_32, _ = _run_stripe(stripe_attention_reference, geom, nh, ins_32, go.float())
     out_bf, g_bf, _ = _run_stripe(cpu_backend.stripe, geom, nh, ins_bf, go)
+    with torch.no_grad():
+        out_ref_bf = stripe_attention_reference(raw[0], raw[1], geom, nh, *[t.bfloat16() for t in raw[2:]])
     assert out_bf.dtype == torch.bfloat16
-    assert max_scaled_error(out_bf, out_32) <= BF16_TOL
+    assert max_scaled_error(out_bf, out_32) <= _bf16_out_tol(out_ref_bf, out_32)
     for n, a, e in zip(["qkv", "anchor"], g_bf[:2], g_32[:2]):
         assert a.dtype == torch.bfloat16 and max_scaled_error(a, e) <= BF16_TOL, n
     for n, a, e in zip(["scale1", "bias1", "scale2", "bias2"], g_bf[2:], g_32[2:]):
@@ -188,7 +201,9 @@ def test_window_bfloat16():
     g32 = torch.autograd.grad(out32, [q32, s32, b32], go.float())
     outbf = cpu_backend.window(qbf, geom, 2, sbf, bbf)
     gbf = torch.autograd.grad(outbf, [qbf, sbf, bbf], go)
-    assert outbf.dtype == torch.bfloat16 and max_scaled_error(outbf, out32) <= BF16_TOL
+    with torch.no_grad():
+        out_ref_bf = window_attention_reference(qbf, geom, 2, scale.bfloat16(), bias.bfloat16())
+    assert outbf.dtype == torch.bfloat16 and max_scaled_error(outbf, out32) <= _bf16_out_tol(out_ref_bf, out32)
     assert max_scaled_error(gbf[0], g32[0]) <= BF16_TOL
     assert max_scaled_error(gbf[1], g32[1]) <= PARAM_TOL and max_scaled_error(gbf[2], g32[2]) <= PARAM_TOL
 
@@ -261,3 +276,58 @@ def test_cpu_backend_under_torch_compile_fullgraph():
     (g_comp,) = torch.autograd.grad(compiled.sum(), qkv)
     # same kernels both ways; only the bias-table MLP around them may be reordered
     assert max_scaled_error(compiled, eager) <= TOL32 and max_scaled_error(g_comp, g_eager) <= TOL32
+
+
+# Every instruction-set path of the kernels (one copy of the task code per ISA, chosen at run
+# time; csrc/cpu/grl_cpu_kernels.h): force each level this CPU supports and compare with the
+# reference, float32 forward + backward and a bfloat16 forward, on a multi-block stripe case
+# with head dim 30 (odd K pairs for the bf16 tiles) and a shifted window.
+ISA_LEVELS = ["baseline", "avx2", "avx512bf16"]
+
+
+@pytest.fixture
+def cpu_isa():
+    from grl_kernels.backends.extension import load
+
+    ext = load("cpu")
+    yield ext
+    ext.set_cpu_isa("auto")
+
+
+@pytest.mark.parametrize("isa", ISA_LEVELS)
+def test_every_isa_path_matches_reference(cpu_isa, isa):
+    try:
+        assert cpu_isa.set_cpu_isa(isa) == isa
+    except RuntimeError as exc:  # the CPU lacks it
+        pytest.skip(str(exc))
+    assert cpu_isa.cpu_path().startswith(isa)
+    case = (24, 36, (12, 12), (None, None), True, 2, 2, 30)  # n1 144: three blocks, d 30
+    geom, nh, raw = _stripe_inputs(case)
+    out_c, g_c, go = _run_stripe(cpu_backend.stripe, geom, nh, _leaves(raw))
+    out_r, g_r, _ = _run_stripe(stripe_attention_reference, geom, nh, _leaves(raw), go)
+    assert max_scaled_error(out_c, out_r) <= TOL32
+    for a, e in zip(g_c, g_r):
+        assert max_scaled_error(a, e) <= TOL32
+    wgeom = window_geometry((12, 18), 6, True)
+    qkv = torch.randn(2, 12 * 18, 3 * 90)
+    scale, bias = torch.rand(3) * 9 + 1, torch.rand(wgeom.table_rows, 3) * 16
+    wl = _leaves([qkv, scale, bias])
+    out_w = cpu_backend.window(wl[0], wgeom, 3, wl[1], wl[2])
+    gow = torch.randn_like(out_w)
+    gw = torch.autograd.grad(out_w, wl, gow)
+    rl = _leaves([qkv, scale, bias])
+    out_wr = window_attention_reference(rl[0], wgeom, 3, rl[1], rl[2])
+    gwr = torch.autograd.grad(out_wr, rl, gow)
+    assert max_scaled_error(out_w, out_wr) <= TOL32
+    for a, e in zip(gw, gwr):
+        assert max_scaled_error(a, e) <= TOL32
+    # bfloat16 forwards on the same rounded inputs
+    sb, ab = raw[0].bfloat16(), raw[1].bfloat16()
+    with torch.no_grad():
+        r32 = stripe_attention_reference(sb.float(), ab.float(), geom, nh, *raw[2:])
+        rbf = stripe_attention_reference(sb, ab, geom, nh, *[t.bfloat16() for t in raw[2:]])
+        assert max_scaled_error(cpu_backend.stripe(sb, ab, geom, nh, *raw[2:]), r32) <= _bf16_out_tol(rbf, r32)
+        qb = qkv.bfloat16()
+        w32 = window_attention_reference(qb.float(), wgeom, 3, scale, bias)
+        wbf = window_attention_reference(qb, wgeom, 3, scale.bfloat16(), bias.bfloat16())
+        assert max_scaled_error(cpu_backend.window(qb, wgeom, 3, scale, bias), w32) <= _bf16_out_tol(wbf, w32)

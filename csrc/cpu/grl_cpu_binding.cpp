@@ -12,6 +12,77 @@ namespace grl {
 namespace cpu {
 
 // ---------------------------------------------------------------------------
+// run-time choice of the instruction set (see grl_cpu_kernels.h)
+// ---------------------------------------------------------------------------
+namespace {
+
+const char* const kIsaNames[] = {"baseline", "avx2", "avx512bf16"};
+
+int detect_isa() {
+#if GRL_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx2") &&
+      __builtin_cpu_supports("fma"))
+    return 2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2"))
+    return 1;
+#endif
+  return 0;
+}
+
+int& forced_isa() {
+  static int forced = -1;  // -1: the detected level
+  return forced;
+}
+
+int detected_isa() {
+  static const int level = detect_isa();
+  return level;
+}
+
+}  // namespace
+
+int isa_level() {
+  const int f = forced_isa();
+  return f >= 0 ? f : detected_isa();
+}
+
+std::string cpu_path() {
+  static const char* const kPaths[] = {
+      "baseline x86-64/portable C++ tiles (float32 products; bfloat16 inputs via float32)",
+      "AVX2+FMA float32 register tiles (bfloat16 inputs via float32 tiles)",
+      "AVX-512 float32 register tiles + AVX512-BF16 vdpbf16ps bfloat16 tiles (forward)",
+  };
+  std::string s = std::string(kIsaNames[isa_level()]) + ": " + kPaths[isa_level()];
+#if defined(__AVX512F__)
+  s += "; built with AVX-512 as the default target (-march=native)";
+#elif defined(__AVX2__)
+  s += "; built with AVX2 as the default target";
+#else
+  s += "; portable build (ISA chosen at run time)";
+#endif
+  return s;
+}
+
+// Force a level (tests run every path): "auto" restores detection; a level above what the
+// CPU supports is refused. Returns the name of the level now in use.
+std::string set_cpu_isa(const std::string& name) {
+  int want = -1;
+  if (name != "auto") {
+    for (int i = 0; i < 3; ++i)
+      if (name == kIsaNames[i]) want = i;
+    TORCH_CHECK(want >= 0, "set_cpu_isa: unknown instruction set '", name,
+                "'; expected 'auto', 'baseline', 'avx2' or 'avx512bf16'");
+    TORCH_CHECK(want <= detected_isa(), "set_cpu_isa: this CPU does not support '", name, "' (best: '",
+                kIsaNames[detected_isa()], "')");
+  }
+  forced_isa() = want;
+  return kIsaNames[isa_level()];
+}
+
+// ---------------------------------------------------------------------------
 // the header's index math, materialized (tests compare it with geometry.py)
 // ---------------------------------------------------------------------------
 std::vector<at::Tensor> stripe_tables(const std::vector<int64_t>& geom) {
@@ -57,6 +128,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "stripe attention backward -> (d_qkv, d_anchor, d_tau1, d_bias1 (nh, R), d_tau2, d_bias2)");
   m.def("window_forward", &grl::cpu::window_forward, "window attention forward -> [out]");
   m.def("window_backward", &grl::cpu::window_backward, "window attention backward -> (d_qkv, d_tau, d_bias (nh, R))");
+  m.def("cpu_path", &grl::cpu::cpu_path, "the instruction-set path the kernels run (chosen at run time)");
+  m.def("set_cpu_isa", &grl::cpu::set_cpu_isa,
+        "force 'baseline', 'avx2' or 'avx512bf16' (at most what the CPU has), or 'auto'; returns the level in use");
   m.def("stripe_tables", &grl::cpu::stripe_tables, "header index math: token/anchor positions, regions, w2a, a2w");
   m.def("window_tables", &grl::cpu::window_tables, "header index math: positions, regions, relative index");
 }

@@ -21,10 +21,39 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#define GRL_X86 1
+#include <immintrin.h>
+#else
+#define GRL_X86 0
+#endif
+
 #include "grl_geometry.h"
-#include "grl_cpu_kernels.h"
+
+// Target regions of the per-ISA copies of the task code (grl_cpu_kernels.h): every function
+// defined between GRL_ISA_BEGIN_* and GRL_ISA_END is compiled for that instruction set.
+#if GRL_X86 && defined(__clang__)
+#define GRL_ISA_BEGIN_AVX2 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt\"))), apply_to = function)")
+#define GRL_ISA_BEGIN_AVX512 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16\"))), apply_to = function)")
+#define GRL_ISA_END _Pragma("clang attribute pop")
+#elif GRL_X86
+#define GRL_ISA_BEGIN_AVX2 \
+  _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt\")")
+#define GRL_ISA_BEGIN_AVX512 \
+  _Pragma("GCC push_options") \
+  _Pragma("GCC target(\"avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16\")")
+#define GRL_ISA_END _Pragma("GCC pop_options")
+#endif
 
 namespace grl {
 namespace cpu {
@@ -59,6 +88,14 @@ inline void for_chunks(int64_t tasks, int64_t chunks, const F& fn) {
   });
 }
 
+// Same split, handing each chunk its whole task range: fn(chunk, t0, t1).
+template <typename F>
+inline void for_chunk_ranges(int64_t tasks, int64_t chunks, const F& fn) {
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t ch = cb; ch < ce; ++ch) fn(ch, tasks * ch / chunks, tasks * (ch + 1) / chunks);
+  });
+}
+
 inline int64_t num_chunks(int64_t tasks) {
   return std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads()));
 }
@@ -80,6 +117,19 @@ inline void check_param(const at::Tensor& t, at::ScalarType acc, int64_t n0, int
               " must be a contiguous CPU tensor of the accumulation dtype");
   TORCH_CHECK(t.numel() == n0 * n1, "grl cpu kernels: ", name, " has ", t.numel(), " elements, expected ", n0 * n1);
 }
+
+// Instruction-set level the kernels run at, chosen once at run time from the CPU's features
+// (grl_cpu_binding.cpp): 0 baseline, 1 AVX2 + FMA, 2 AVX-512 (F, BW, VL, DQ) with
+// AVX512-BF16. Every kernel file holds one copy of its task code per level (see
+// grl_cpu_kernels.h); set_cpu_isa() may lower the level (tests run every path).
+int isa_level();
+std::string cpu_path();
+std::string set_cpu_isa(const std::string& name);
+
+// Bias tables reversed along the table (rb[h][k] = bias[h][R - 1 - k]): relative indices
+// of a window row DEcrease along the row, so in the reversed table a row of logits reads
+// one contiguous run per window row instead of a gather (bias[base - x] = rb[R - 1 - base + x]).
+inline at::Tensor reversed_bias(const at::Tensor& bias) { return bias.flip({1}).contiguous(); }
 
 // Entry points (Python-visible through grl_cpu_binding.cpp).
 std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& anchor, const at::Tensor& tau1,

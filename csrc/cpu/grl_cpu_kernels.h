@@ -1,24 +1,30 @@
-// grl_cpu_kernels.h -- small numeric helpers of the fused CPU kernels.
+// grl_cpu_kernels.h -- numeric helpers of the fused CPU kernels, compiled once PER ISA.
 //
-// All inner loops run over a contiguous dimension (head dim d, a token block or
-// the anchors of a window) so the compiler vectorizes them at -O3; exp uses a
-// branch-free polynomial that vectorizes too (std::exp does not).
-#pragma once
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
+// Deliberately no include guard: every kernel file includes this header (through its
+// *_impl.h) several times, each time inside a `#pragma GCC target` region and with
+// GRL_ISA naming the namespace of that instruction set (see grl_cpu_isa.h), so a portable
+// build (no -march=native) still holds AVX2 and AVX-512 code, chosen at run time.
+// Everything used here is defined here (or is a default-target std/c10 inline, which may
+// be inlined into any ISA): no ISA-specific code leaks into shared COMDAT symbols.
+//
+// GRL_ISA_LEVEL: 0 baseline x86-64 / other architectures, 1 AVX2+FMA, 2 AVX-512 with
+// AVX512-BF16 (vdpbf16ps tiles for bfloat16 inputs).
+//
+// Inner loops run over a contiguous dimension (head dim d, a token block or the anchors
+// of a window) so the compiler vectorizes them for the region's ISA; exp is a branch-free
+// polynomial that vectorizes too (std::exp does not).
 
 namespace grl {
 namespace cpu {
+namespace GRL_ISA {
+
+#define GRL_INLINE inline __attribute__((always_inline))
 
 // exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2, degree-6 Taylor
 // polynomial for e^r (relative error < 2e-7, below float32 rounding of the
 // softmax sums); x below -87.3 (2^-126) returns 0. Written without calls or
 // branches so loops over it vectorize.
-static inline float exp_fast(float x) {
+static GRL_INLINE float exp_fast(float x) {
   const float lo = -87.3365f, hi = 88.0f;
   float xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
@@ -42,14 +48,14 @@ static inline float exp_fast(float x) {
 static inline double exp_fast(double x) { return std::exp(x); }
 
 template <typename acc_t>
-static inline acc_t neg_inf() {
+static GRL_INLINE acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
 // Row reductions with 16 independent partial results, so that they vectorize without
 // -ffast-math (a single running max / sum is a serial dependency the compiler must keep).
 template <typename T>
-static inline T row_max(const T* x, int64_t n) {
+static GRL_INLINE T row_max(const T* x, int64_t n) {
   T part[16];
   for (int k = 0; k < 16; ++k) part[k] = neg_inf<T>();
   int64_t j = 0;
@@ -62,7 +68,7 @@ static inline T row_max(const T* x, int64_t n) {
 }
 
 template <typename T>
-static inline T row_sum(const T* x, int64_t n) {
+static GRL_INLINE T row_sum(const T* x, int64_t n) {
   T part[16] = {};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
@@ -74,7 +80,7 @@ static inline T row_sum(const T* x, int64_t n) {
 }
 
 template <typename T>
-static inline T row_dot(const T* x, const T* y, int64_t n) {
+static GRL_INLINE T row_dot(const T* x, const T* y, int64_t n) {
   T part[16] = {};
   int64_t j = 0;
   for (; j + 16 <= n; j += 16)
@@ -87,15 +93,40 @@ static inline T row_dot(const T* x, const T* y, int64_t n) {
 
 // x[j] = exp(x[j] - m) in place; returns the sum.
 template <typename T>
-static inline T exp_shift_sum(T* x, int64_t n, T m) {
+static GRL_INLINE T exp_shift_sum(T* x, int64_t n, T m) {
   for (int64_t j = 0; j < n; ++j) x[j] = exp_fast(x[j] - m);
   return row_sum(x, n);
+}
+
+// Exact softmax of a complete row: row[j] = exp(row[j] - max) in place, then the normalized
+// probabilities into out (product type U: out may alias row when U == T).
+template <typename T, typename U, typename From>
+static GRL_INLINE void softmax_to(T* row, int64_t n, U* out, const From& from) {
+  const T sum = exp_shift_sum(row, n, row_max(row, n));
+  const T inv = T(1) / sum;
+  for (int64_t j = 0; j < n; ++j) out[j] = from(row[j] * inv);
+}
+
+// bfloat16 <-> float32 on the raw bits (round to nearest even; NaN stays NaN). Plain
+// integer code that vectorizes, unlike c10::BFloat16's conversions.
+static GRL_INLINE float bf16_bits_to_float(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+static GRL_INLINE uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
 }
 
 // r[0:d] = src[0:d * stride:stride] converted to the accumulation type; the common
 // contiguous case (channel stride 1) gets its own loop, which vectorizes.
 template <typename scalar_t, typename acc_t>
-static inline void load_row(const scalar_t* __restrict src, int64_t stride, int64_t d, acc_t* __restrict r) {
+static GRL_INLINE void load_row(const scalar_t* __restrict src, int64_t stride, int64_t d, acc_t* __restrict r) {
   if (stride == 1) {
     for (int64_t c = 0; c < d; ++c) r[c] = static_cast<acc_t>(src[c]);
   } else {
@@ -103,10 +134,32 @@ static inline void load_row(const scalar_t* __restrict src, int64_t stride, int6
   }
 }
 
+template <typename acc_t>
+static GRL_INLINE void load_row(const c10::BFloat16* __restrict src, int64_t stride, int64_t d, acc_t* __restrict r) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  if (stride == 1) {
+    for (int64_t c = 0; c < d; ++c) r[c] = bf16_bits_to_float(s[c]);
+  } else {
+    for (int64_t c = 0; c < d; ++c) r[c] = bf16_bits_to_float(s[c * stride]);
+  }
+}
+
+// dst[0:d] = src[0:d] converted to the storage type (contiguous destination).
+template <typename scalar_t, typename acc_t>
+static GRL_INLINE void store_row(scalar_t* __restrict dst, const acc_t* __restrict src, int64_t d) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<scalar_t>(src[c]);
+}
+
+template <typename acc_t>
+static GRL_INLINE void store_row(c10::BFloat16* __restrict dst, const acc_t* __restrict src, int64_t d) {
+  uint16_t* o = reinterpret_cast<uint16_t*>(dst);
+  for (int64_t c = 0; c < d; ++c) o[c] = float_to_bf16_bits(static_cast<float>(src[c]));
+}
+
 // Software prefetch of the cache lines of one row of d elements (stride in elements).
 constexpr int64_t kPrefetch = 16;  // rows ahead
 template <typename scalar_t>
-static inline void prefetch_row(const scalar_t* p, int64_t d, int64_t stride) {
+static GRL_INLINE void prefetch_row(const scalar_t* p, int64_t d, int64_t stride) {
   const char* c = reinterpret_cast<const char*>(p);
   const int64_t bytes = (d - 1) * stride * static_cast<int64_t>(sizeof(scalar_t)) + sizeof(scalar_t);
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
@@ -115,7 +168,7 @@ static inline void prefetch_row(const scalar_t* p, int64_t d, int64_t stride) {
 
 // Same for a contiguous row about to be written (prefetch with intent to write).
 template <typename scalar_t>
-static inline void prefetch_row_for_write(scalar_t* p, int64_t d) {
+static GRL_INLINE void prefetch_row_for_write(scalar_t* p, int64_t d) {
   char* c = reinterpret_cast<char*>(p);
   const int64_t bytes = d * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 3);
@@ -124,21 +177,28 @@ static inline void prefetch_row_for_write(scalar_t* p, int64_t d) {
 
 // F.normalize: returns ||x|| and scales x in place by 1 / max(||x||, eps).
 template <typename acc_t>
-static inline acc_t normalize_inplace(acc_t* x, int64_t d) {
+static GRL_INLINE acc_t normalize_inplace(acc_t* x, int64_t d) {
   const acc_t n = std::sqrt(row_dot(x, x, d));  // 16 partial sums: vectorizes
   const acc_t inv = acc_t(1) / (n > acc_t(kNormEps) ? n : acc_t(kNormEps));
   for (int64_t c = 0; c < d; ++c) x[c] *= inv;
   return n;
 }
 
+// 1 / max(||x||, eps): the forwards keep raw rows in their product tiles (bfloat16 inputs
+// stay exact) and scale the cosines by these in float32 afterwards.
+template <typename acc_t>
+static GRL_INLINE acc_t inv_norm(const acc_t* x, int64_t d) {
+  const acc_t n = std::sqrt(row_dot(x, x, d));
+  return acc_t(1) / (n > acc_t(kNormEps) ? n : acc_t(kNormEps));
+}
+
 // Backward of x_hat = x / max(||x||, eps): given g = dL/dx_hat, x_hat and ||x||,
 // dL/dx = (g - x_hat (x_hat . g)) / ||x|| when ||x|| > eps, else g / eps.
 // Writes the result into g.
 template <typename acc_t>
-static inline void normalize_backward_inplace(acc_t* g, const acc_t* xhat, acc_t n, int64_t d) {
+static GRL_INLINE void normalize_backward_inplace(acc_t* g, const acc_t* xhat, acc_t n, int64_t d) {
   if (n > acc_t(kNormEps)) {
-    acc_t dot = 0;
-    for (int64_t c = 0; c < d; ++c) dot += xhat[c] * g[c];
+    const acc_t dot = row_dot(xhat, g, d);
     const acc_t inv = acc_t(1) / n;
     for (int64_t c = 0; c < d; ++c) g[c] = (g[c] - xhat[c] * dot) * inv;
   } else {
@@ -148,18 +208,27 @@ static inline void normalize_backward_inplace(acc_t* g, const acc_t* xhat, acc_t
 }
 
 // Round the head dim up to a multiple of 16 (scratch rows are zero-padded to it so the
-// GEMM micro-kernel below always works on full 16-wide column tiles of d).
-static inline int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }
+// GEMM micro-kernels below always work on full 16-wide column tiles).
+static GRL_INLINE int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }
 
-// C (M x N, row stride ldc) = alpha * A * B  (+ C when accumulate), with
+// Bytes per vector of the register tiles: one zmm on AVX-512, one ymm otherwise (the
+// baseline splits it into SSE halves).
+#if GRL_ISA_LEVEL >= 2
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 32;
+#endif
+
+// ---------------------------------------------------------------------------------------
+// GEMM 1 (the backward's): C (M x N, ldc) = alpha * A * B (+ C when accumulate), with
 // A(r, k) = A[r * ars + k * acs] (so A may be a transposed view) and B row-major (K x N, ldb).
-// Register tiles of MR x NR accumulators: for each k, MR broadcasts of A and one NR-wide
-// load of B feed MR * NR fused multiply-adds (plain C++; the compiler vectorizes the NR loop).
-// Full MR x 16 tile. GCC/Clang vector extensions keep the MR x 16 accumulators in registers
-// (plain arrays got spilled to the stack): per k, one 16-wide load of B, MR broadcasts of A.
+// Register tiles of MR x 16 accumulators: for each k, MR broadcasts of A and 16-wide
+// loads of B feed MR x 16 fused multiply-adds. GCC/Clang vector extensions keep the
+// accumulators in registers.
 template <int MR, typename T>
-static inline void gemm_tile_full(int64_t K, T alpha, const T* __restrict A, int64_t ars, int64_t acs,
-                                  const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
+static GRL_INLINE void gemm_tile_full(int64_t K, T alpha, const T* __restrict A, int64_t ars, int64_t acs,
+                                      const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
+                                      bool accumulate) {
   typedef T V __attribute__((vector_size(32)));
   constexpr int L = 32 / sizeof(T);  // lanes per vector
   constexpr int NV = 16 / L;         // vectors per 16-wide row tile
@@ -188,10 +257,10 @@ static inline void gemm_tile_full(int64_t K, T alpha, const T* __restrict A, int
   }
 }
 
-// Edge tile (fewer than NR columns): plain loops, accumulating straight into C.
+// Edge tile (fewer than 16 columns): plain loops, accumulating straight into C.
 template <typename T>
-static inline void gemm_tile_edge(int64_t mr, int64_t nr, int64_t K, T alpha, const T* A, int64_t ars, int64_t acs,
-                                  const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+static GRL_INLINE void gemm_tile_edge(int64_t mr, int64_t nr, int64_t K, T alpha, const T* A, int64_t ars,
+                                      int64_t acs, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   for (int64_t r = 0; r < mr; ++r) {
     T acc[64] = {};
     for (int64_t k = 0; k < K; ++k) {
@@ -222,5 +291,160 @@ static void gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t a
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// GEMM 2 (the forwards'): operand tiles in a "product type" T chosen per input dtype and ISA
+// (OpType below): float32/float64 for float inputs, and raw bfloat16 bits for bfloat16
+// inputs on AVX512-BF16 machines (elsewhere bfloat16 inputs run through float32 tiles).
+//   A: row-major M x K, row stride lda, K contiguous (bf16: pairs (k, k+1) read as one int32);
+//   B: "K-major": element (k, n) at bidx(k, n, ldb): float: k * ldb + n; bf16: the VNNI pair
+//      layout ((k / 2) * ldb + n) * 2 + k % 2 that vdpbf16ps consumes (ldb, N multiples of 16);
+//   C: float accumulators, row-major, C = A B (+ C when accumulate).
+// K is padded to even for bf16 with zeros in both operands (callers zero-fill the pad).
+template <typename T>
+struct OpLayout {
+  static constexpr int kstep = 1;
+  static GRL_INLINE int64_t bidx(int64_t k, int64_t n, int64_t ldb) { return k * ldb + n; }
+  static GRL_INLINE T from(float x) { return static_cast<T>(x); }
+  static GRL_INLINE T from(double x) { return static_cast<T>(x); }
+};
+
+template <>
+struct OpLayout<uint16_t> {
+  static constexpr int kstep = 2;
+  static GRL_INLINE int64_t bidx(int64_t k, int64_t n, int64_t ldb) { return ((k >> 1) * ldb + n) * 2 + (k & 1); }
+  static GRL_INLINE uint16_t from(float x) { return float_to_bf16_bits(x); }
+};
+
+template <typename T>
+static GRL_INLINE int64_t kpad(int64_t K) {
+  return (K + OpLayout<T>::kstep - 1) / OpLayout<T>::kstep * OpLayout<T>::kstep;
+}
+
+// Product type of an input dtype: bf16 bits only where vdpbf16ps exists.
+template <typename scalar_t, typename acc_t>
+struct OpType {
+  using T = acc_t;
+};
+#if GRL_ISA_LEVEL >= 2
+template <>
+struct OpType<c10::BFloat16, float> {
+  using T = uint16_t;
+};
+#endif
+
+// float / double tile: MR rows x NV vectors of kVecBytes.
+template <int MR, int NV, typename T>
+static GRL_INLINE void tile_fp(int64_t K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
+                               T* __restrict C, int64_t ldc, bool accumulate) {
+  typedef T V __attribute__((vector_size(kVecBytes)));
+  constexpr int L = kVecBytes / sizeof(T);
+  V acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], B + k * ldb + v * L, sizeof(V));
+    for (int r = 0; r < MR; ++r) {
+      const T a = A[r * lda + k];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      T* c = C + r * ldc + v * L;
+      V out = acc[r][v];
+      if (accumulate) {
+        V old;
+        std::memcpy(&old, c, sizeof(V));
+        out += old;
+      }
+      std::memcpy(c, &out, sizeof(V));
+    }
+}
+
+template <int MR, typename T>
+static GRL_INLINE void row_tiles_fp(int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                                    int64_t ldc, bool accumulate) {
+  constexpr int L = kVecBytes / sizeof(T);
+  int64_t j = 0;
+  for (; j + 2 * L <= N; j += 2 * L) tile_fp<MR, 2, T>(K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  for (; j < N; j += L) tile_fp<MR, 1, T>(K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+}
+
+#if GRL_ISA_LEVEL >= 2
+// bfloat16 tile: MR rows x NV zmm of 16 float accumulators; per k pair one vdpbf16ps per
+// accumulator (a broadcast pair of A times 16 pairs of B, summed into float32).
+template <int MR, int NV>
+static GRL_INLINE void tile_bf16(int64_t K2, const uint16_t* __restrict A, int64_t lda,
+                                 const uint16_t* __restrict B, int64_t ldb, float* __restrict C, int64_t ldc,
+                                 bool accumulate) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kk = 0; kk < K2; ++kk) {
+    __m512i bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = _mm512_loadu_si512(B + (kk * ldb + 16 * v) * 2);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, A + r * lda + 2 * kk, sizeof(pair));
+      const __m512i av = _mm512_set1_epi32(pair);
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)av, (__m512bh)bv[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) {
+      float* c = C + r * ldc + 16 * v;
+      __m512 out = acc[r][v];
+      if (accumulate) out = _mm512_add_ps(out, _mm512_loadu_ps(c));
+      _mm512_storeu_ps(c, out);
+    }
+}
+
+template <int MR>
+static GRL_INLINE void row_tiles_bf16(int64_t N, int64_t K, const uint16_t* A, int64_t lda, const uint16_t* B,
+                                      int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  const int64_t K2 = (K + 1) / 2;
+  int64_t j = 0;
+  for (; j + 32 <= N; j += 32) tile_bf16<MR, 2>(K2, A, lda, B + 2 * j, ldb, C + j, ldc, accumulate);
+  for (; j < N; j += 16) tile_bf16<MR, 1>(K2, A, lda, B + 2 * j, ldb, C + j, ldc, accumulate);
+}
+#endif
+
+template <int MR, typename T, typename acc_t>
+static GRL_INLINE void row_tiles(int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, acc_t* C,
+                                 int64_t ldc, bool accumulate) {
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<T, uint16_t>::value) {
+    row_tiles_bf16<MR>(N, K, A, lda, B, ldb, C, ldc, accumulate);
+    return;
+  } else
+#endif
+  {
+    row_tiles_fp<MR, T>(N, K, A, lda, B, ldb, C, ldc, accumulate);
+  }
+}
+
+// C (M x N) = A (M x K) B (K x N) (+ C); N a multiple of 16, B and C padded to it.
+template <typename T, typename acc_t>
+static void gemm_op(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, acc_t* C,
+                    int64_t ldc, bool accumulate) {
+  constexpr int MR = 4;
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) row_tiles<MR, T, acc_t>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+  switch (M - i) {
+    case 3: row_tiles<3, T, acc_t>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate); break;
+    case 2: row_tiles<2, T, acc_t>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate); break;
+    case 1: row_tiles<1, T, acc_t>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+// A contiguous run of bias-table entries: `len` consecutive logits starting at column `j0`
+// of a row read bias[off + 0 .. off + len - 1] of a REVERSED table (see grl_cpu_common.h).
+struct BiasRun {
+  int64_t j0, len, off;
+};
+
+}  // namespace GRL_ISA
 }  // namespace cpu
 }  // namespace grl

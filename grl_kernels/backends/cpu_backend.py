@@ -34,15 +34,26 @@ def window(qkv, geom, num_heads, scale, bias):
     return ops.window(qkv, geom, num_heads, scale, bias)
 
 
-register_backend(
-    Backend(
-        name="cpu",
-        stripe=stripe,
-        window=window,
-        devices=frozenset({"cpu"}),
-        dtypes=DTYPES,
-        priority=20,
-        check_available=lambda: extension.availability("cpu"),
-        description="fused C++ CPU kernels (OpenMP, streaming softmax, no attention maps)",
-    )
+DESCRIPTION = "fused C++ CPU kernels (OpenMP, streaming softmax, no attention maps)"
+
+
+def _available():
+    """Builds/loads the extension; once loaded, the description names the instruction-set
+    path chosen at run time (``grl-kernels info`` shows it)."""
+    ok, why = extension.availability("cpu")
+    if ok:
+        BACKEND.description = f"{DESCRIPTION}; path {ops.cpu_path()}"
+    return ok, why
+
+
+BACKEND = Backend(
+    name="cpu",
+    stripe=stripe,
+    window=window,
+    devices=frozenset({"cpu"}),
+    dtypes=DTYPES,
+    priority=20,
+    check_available=_available,
+    description=DESCRIPTION,
 )
+register_backend(BACKEND)

@@ -187,3 +187,18 @@ def window(qkv, geom: WindowGeometry, num_heads: int, scale, bias) -> Tensor:
     acc = acc_dtype(qkv.dtype)
     outs = torch.ops.grl_kernels.window_fwd(qkv, _tau(scale, acc), _bias(bias, acc), window_params(geom), num_heads)
     return outs[0]
+
+
+# ---------------------------------------------------------------------------- CPU instruction-set path
+def cpu_path() -> str:
+    """Which instruction-set copy of the CPU kernels runs, chosen at run time from the CPU's
+    features (e.g. ``"avx512bf16: AVX-512 float32 register tiles + AVX512-BF16 ..."``)."""
+    fn = getattr(load("cpu"), "cpu_path", None)
+    return fn() if fn is not None else "unknown (a build from before the run-time ISA choice)"
+
+
+def set_cpu_isa(name: str) -> str:
+    """Force the CPU kernels onto 'baseline', 'avx2' or 'avx512bf16' (at most what the CPU
+    supports; RuntimeError otherwise), or back to 'auto'. For tests and A/B timings."""
+    return load("cpu").set_cpu_isa(name)
+

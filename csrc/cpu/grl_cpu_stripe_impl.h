@@ -1,0 +1,400 @@
+// grl_cpu_stripe_impl.h -- task code of the anchored stripe attention, compiled once per ISA
+// (included by grl_cpu_stripe.cpp inside `#pragma GCC target` regions; no include guard).
+//
+// Per window and head, with x_hat = x / max(||x||, 1e-12):
+//   stage 1  Z = softmax_j(tau1 a_hat_i . k_hat_j + B1[a2w(i,j)] + M1) v     (anchors -> tokens)
+//   stage 2  Y = softmax_i(tau2 q_hat_j . a_hat_i + B2[w2a(j,i)] + M2) Z     (tokens -> anchors)
+// Forward: the window's token rows are gathered block by block (64 tokens) into contiguous
+// per-thread tiles in the product type T (float32, float64, or bfloat16 for vdpbf16ps):
+// k^T and v as B operands, q as A; the anchors once per task (a as A, a^T as B), all RAW (bfloat16 inputs stay exact in the tiles): the dot products are scaled by the
+// float32 inverse norms afterwards, so cosines carry float32 accuracy. Stage 1 streams blocks with an online softmax and saves Z (N2 x d) and the row
+// log-sum-exp; stage 2 rows (N2 entries) are complete and use an exact softmax. Logits,
+// softmax statistics and every accumulation are float32 (float64 for float64 inputs); stage
+// 1's P v stays on float32 tiles (see below).
+// Backward (float32 tiles for bfloat16 inputs): recomputes probabilities (pass A: stage 2,
+// giving dq, dZ and part of d a_hat; pass B: stage 1 from the saved lse, giving dk, dv and
+// the rest of d a_hat).
+
+#include "grl_cpu_kernels.h"
+
+namespace grl {
+namespace cpu {
+namespace GRL_ISA {
+namespace {
+
+// Per-task scratch shared by the stripe forward and backward: normalized anchors a_hat
+// (n2 x dp, zero-padded rows) and a_hat^T (d x n2), their norms and region ids, and the
+// bias-row offsets: a2w row = abase[i] - toff[j], w2a row = tbase[j] - aoff[i].
+template <typename scalar_t, typename acc_t>
+struct AnchorTile {
+  int64_t n2, d, dp;
+  std::vector<acc_t> ahat, aT, anorm;
+  std::vector<int> aid;
+  std::vector<int64_t> abase, aoff;
+  // raw: keep the rows unnormalized (the forward; anorm then holds 1 / max(||a||, eps)).
+  AnchorTile(const StripeArgs<scalar_t, acc_t>& A, int64_t b, int64_t win, int64_t h, bool transposed, bool raw)
+      : n2(A.g.n2), d(A.d), dp(pad16(A.d)), ahat(n2 * dp, acc_t(0)), aT(transposed ? d * n2 : 0), anorm(n2),
+        aid(n2), abase(n2), aoff(n2) {
+    const StripeGeom& g = A.g;
+    for (int64_t i = 0; i < n2; ++i) {
+      const int64_t p = stripe_anchor_position(g, win, i);
+      const scalar_t* src = A.anc + b * A.asb + (p / g.Wa) * A.ash + (p % g.Wa) * A.asw + h * d * A.asc;
+      acc_t* dst = ahat.data() + i * dp;
+      load_row(src, A.asc, d, dst);
+      anorm[i] = raw ? inv_norm(dst, d) : normalize_inplace(dst, d);
+      if (transposed)
+        for (int64_t c = 0; c < d; ++c) aT[c * n2 + i] = dst[c];
+      aid[i] = g.shifted ? stripe_anchor_region(g, win, i) : 0;
+      const int64_t u = i / g.aw, v = i % g.aw;
+      abase[i] = (u + g.sh - 1) * g.table_w + (v + g.sw - 1);
+      aoff[i] = u * g.table_w + v;
+    }
+  }
+};
+
+// A block of up to kBlock consecutive tokens of a window: positions, bias offsets, region
+// ids, and the runs of consecutive columns of one window row (one contiguous run of the
+// reversed stage-1 bias table each).
+struct TokenBlock {
+  int64_t nb = 0, nruns = 0;
+  std::vector<int64_t> pos, toff, tbase;
+  std::vector<int> tid;
+  std::vector<BiasRun> runs;
+  TokenBlock() : pos(kBlock), toff(kBlock), tbase(kBlock), tid(kBlock), runs(kBlock) {}
+  // Walks the block row by row on the rolled grid (one division per block, none per token).
+  void index(const StripeGeom& g, int64_t win, int64_t jb) {
+    nb = std::min(kBlock, g.n1 - jb);
+    nruns = 0;
+    const int64_t r0 = win / g.windows_w * g.sh, c0 = win % g.windows_w * g.sw;
+    int64_t y = jb / g.sw, x = jb % g.sw;
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      pos[jj] = stripe_token_position_rc(g, r0 + y, c0 + x);
+      toff[jj] = y * g.table_w + x;
+      tbase[jj] = (y + g.ah - 1) * g.table_w + (x + g.aw - 1);
+      tid[jj] = g.shifted ? stripe_token_region_rc(g, r0 + y, c0 + x) : 0;
+      if (jj == 0 || x == 0) runs[nruns++] = BiasRun{jj, 0, toff[jj]};
+      ++runs[nruns - 1].len;
+      if (++x == g.sw) x = 0, ++y;
+    }
+  }
+};
+
+// Stage-1 logits of anchor row i over a token block, in place (cosines in, logits out):
+// tau1 * cos + B1[abase_i - toff_j] + mask, the bias read as contiguous runs of the
+// reversed table rb1.
+// With colscale (the forward's raw dot products): tau * colscale[j] * dot instead.
+template <typename acc_t>
+GRL_INLINE void stage1_logits(const StripeGeom& g, acc_t tau, const acc_t* rb1, int64_t abase_i, int aid_i,
+                              const TokenBlock& T, acc_t* row, const acc_t* colscale = nullptr) {
+  const acc_t* base = rb1 + (g.table_rows - 1 - abase_i);
+  for (int64_t r = 0; r < T.nruns; ++r) {
+    const BiasRun run = T.runs[r];
+    const acc_t* bb = base + run.off;
+    acc_t* o = row + run.j0;
+    if (colscale) {
+      const acc_t* cs = colscale + run.j0;
+      for (int64_t x = 0; x < run.len; ++x) o[x] = tau * cs[x] * o[x] + bb[x];
+    } else {
+      for (int64_t x = 0; x < run.len; ++x) o[x] = tau * o[x] + bb[x];
+    }
+  }
+  if (g.shifted) {
+    const int* tid = T.tid.data();
+    for (int64_t jj = 0; jj < T.nb; ++jj) row[jj] += (aid_i != tid[jj]) ? acc_t(kMaskValue) : acc_t(0);
+  }
+}
+
+// Stage-2 logits of token row j over the anchors, in place: tau2 * cos + B2[tbase_j - aoff_i]
+// + mask; anchors of one anchor row (aw of them) read one run of the reversed table rb2.
+template <typename acc_t>
+GRL_INLINE void stage2_logits(const StripeGeom& g, acc_t tau, const acc_t* rb2, int64_t tbase_j, int tid_j,
+                              const int* aid, acc_t* row, const acc_t* colscale = nullptr) {
+  const acc_t* base = rb2 + (g.table_rows - 1 - tbase_j);
+  for (int64_t u = 0; u < g.ah; ++u) {
+    const acc_t* bb = base + u * g.table_w;
+    acc_t* o = row + u * g.aw;
+    if (colscale) {
+      const acc_t* cs = colscale + u * g.aw;
+      for (int64_t v = 0; v < g.aw; ++v) o[v] = tau * cs[v] * o[v] + bb[v];
+    } else {
+      for (int64_t v = 0; v < g.aw; ++v) o[v] = tau * o[v] + bb[v];
+    }
+  }
+  if (g.shifted)
+    for (int64_t i = 0; i < g.n2; ++i) row[i] += (aid[i] != tid_j) ? acc_t(kMaskValue) : acc_t(0);
+}
+
+// Stage-2 probabilities in place (exact softmax over the n2 anchors).
+template <typename acc_t>
+GRL_INLINE void softmax_inplace(acc_t* row, int64_t n) {
+  const acc_t sum = exp_shift_sum(row, n, row_max(row, n));
+  const acc_t inv = acc_t(1) / sum;
+  for (int64_t i = 0; i < n; ++i) row[i] *= inv;
+}
+
+// Token rows of part `part` (0 q, 1 k, 2 v) of a block, read in place from qkv (prefetched
+// kPrefetch tokens ahead: window rows are scattered over the image and qkv rows are 3C or
+// more apart, which the hardware prefetcher does not follow), converted to acc_t and
+// handed to emit(jj, row) (normalized first when norms != nullptr).
+template <typename scalar_t, typename acc_t, typename Emit>
+GRL_INLINE void gather_tokens(const StripeArgs<scalar_t, acc_t>& A, const TokenBlock& T, int64_t b, int64_t h,
+                              int part, acc_t* norms, const Emit& emit) {
+  const int64_t d = A.d;
+  acc_t tmp[kMaxStackD];
+  const scalar_t* base = A.qkv + b * A.vq.sb + (part * A.C + h * d) * A.vq.sc;
+  for (int64_t jj = 0; jj < std::min(kPrefetch, T.nb); ++jj) prefetch_row(base + T.pos[jj] * A.vq.sl, d, A.vq.sc);
+  for (int64_t jj = 0; jj < T.nb; ++jj) {
+    if (jj + kPrefetch < T.nb) prefetch_row(base + T.pos[jj + kPrefetch] * A.vq.sl, d, A.vq.sc);
+    load_row(base + T.pos[jj] * A.vq.sl, A.vq.sc, d, tmp);
+    if (norms) norms[jj] = normalize_inplace(tmp, d);
+    emit(jj, static_cast<const acc_t*>(tmp));
+  }
+}
+
+// Old-layout loader of the backward: rows (nb x dp) and/or transposed (d x kBlock).
+template <typename scalar_t, typename acc_t>
+GRL_INLINE void load_tokens(const StripeArgs<scalar_t, acc_t>& A, const TokenBlock& T, int64_t b, int64_t h, int part,
+                            acc_t* rows, acc_t* cols, acc_t* norms) {
+  const int64_t d = A.d, dp = pad16(d);
+  gather_tokens(A, T, b, h, part, norms, [&](int64_t jj, const acc_t* r) {
+    if (rows)
+      for (int64_t c = 0; c < d; ++c) rows[jj * dp + c] = r[c];
+    if (cols)
+      for (int64_t c = 0; c < d; ++c) cols[c * kBlock + jj] = r[c];
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, scalar_t* out, acc_t* zsave,
+                         acc_t* lsesave) {
+  using T = typename OpType<scalar_t, acc_t>::T;  // product type of the tiles
+  using Lay = OpLayout<T>;
+  constexpr bool kInPlace = std::is_same<T, acc_t>::value;  // probabilities stay in the logit buffer
+  const StripeGeom& g = A.g;
+  const int64_t d = A.d, dp = pad16(d), dk = kpad<T>(d), n1 = g.n1, n2 = g.n2, n2p = pad16(n2), n2k = kpad<T>(n2);
+  const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
+  const acc_t tau1 = A.tau1[h], tau2 = A.tau2[h];
+  const acc_t* rb1 = A.rbias1 + h * g.table_rows;
+  const acc_t* rb2 = A.rbias2 + h * g.table_rows;
+  AnchorTile<scalar_t, acc_t> AT(A, b, win, h, false, true);  // raw anchors, anorm = 1 / |a|
+  TokenBlock TB;
+  // operand tiles (zero padding where K or N is rounded up)
+  // Stage 1's P v runs on float32 tiles on every path: Z is saved for the backward, whose
+  // recomputed float32 probabilities must match it (bf16-rounded P would bias the
+  // gradients of tau1 through D = dZ . Z); its logits are exact on bf16 tiles (raw rows).
+  std::vector<T> aA(n2 * dk, T(0)), aB(dk * n2p, T(0)), kB(dk * kBlock, T(0)), zB(n2k * dp, T(0)),
+      qA(kBlock * dk, T(0)), P2(kInPlace ? 0 : kBlock * n2k, T(0));
+  std::vector<acc_t> vB(kBlock * dp, acc_t(0)), S(n2 * kBlock), S2(kBlock * n2p), Z(n2 * dp, acc_t(0)), Yb(kBlock * dp), m(n2, neg_inf<acc_t>()),
+      l(n2, acc_t(0)), xn(kBlock);
+  for (int64_t i = 0; i < n2; ++i)
+    for (int64_t c = 0; c < d; ++c) {
+      const T v = Lay::from(AT.ahat[i * dp + c]);
+      aA[i * dk + c] = v;
+      aB[Lay::bidx(c, i, n2p)] = v;
+    }
+
+  // ---- stage 1: anchors attend to the window; online softmax over token blocks
+  for (int64_t jb = 0; jb < n1; jb += kBlock) {
+    TB.index(g, win, jb);
+    const int64_t nb = TB.nb;
+    gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
+      xn[jj] = inv_norm(r, d);  // raw k in the tile, 1 / |k| applied to the dot products
+      for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = Lay::from(r[c]);
+    });
+    gather_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
+      for (int64_t c = 0; c < d; ++c) vB[jj * dp + c] = r[c];
+    });
+    gemm_op<T, acc_t>(n2, pad16(nb), d, aA.data(), dk, kB.data(), kBlock, S.data(), kBlock, false);  // cos
+    for (int64_t i = 0; i < n2; ++i) {
+      acc_t* row = S.data() + i * kBlock;
+      stage1_logits(g, tau1 * AT.anorm[i], rb1, AT.abase[i], AT.aid[i], TB, row, xn.data());
+      const acc_t bm = row_max(row, nb);
+      const acc_t mx = bm > m[i] ? bm : m[i];
+      const acc_t corr = exp_fast(m[i] - mx);  // 0 on the first block (m = -inf)
+      const acc_t sum = exp_shift_sum(row, nb, mx);
+      l[i] = l[i] * corr + sum;
+      m[i] = mx;
+      acc_t* zr = Z.data() + i * dp;
+      for (int64_t c = 0; c < dp; ++c) zr[c] *= corr;
+    }
+    gemm_op<acc_t, acc_t>(n2, dp, nb, S.data(), kBlock, vB.data(), dp, Z.data(), dp, true);  // Z += P v
+  }
+  acc_t* zs = zsave + task * n2 * d;
+  acc_t* lse = lsesave + task * n2;
+  for (int64_t i = 0; i < n2; ++i) {
+    const acc_t inv = acc_t(1) / l[i];
+    for (int64_t c = 0; c < d; ++c) {
+      const acc_t z = Z[i * dp + c] * inv;
+      zs[i * d + c] = z;
+      zB[Lay::bidx(i, c, dp)] = Lay::from(z);
+    }
+    lse[i] = m[i] + std::log(l[i]);
+  }
+
+  // ---- stage 2: tokens attend to the anchors (rows of n2 entries, exact softmax)
+  for (int64_t jb = 0; jb < n1; jb += kBlock) {
+    TB.index(g, win, jb);
+    const int64_t nb = TB.nb;
+    gather_tokens(A, TB, b, h, 0, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
+      xn[jj] = inv_norm(r, d);
+      for (int64_t c = 0; c < d; ++c) qA[jj * dk + c] = Lay::from(r[c]);
+    });
+    for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(out + (b * g.H * g.W + TB.pos[jj]) * A.C + h * d, d);
+    gemm_op<T, acc_t>(nb, n2p, d, qA.data(), dk, aB.data(), n2p, S2.data(), n2p, false);  // cos
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      acc_t* row = S2.data() + jj * n2p;
+      stage2_logits(g, tau2 * xn[jj], rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), row, AT.anorm.data());
+      T* pr = kInPlace ? reinterpret_cast<T*>(row) : P2.data() + jj * n2k;
+      softmax_to(row, n2, pr, [](acc_t x) { return Lay::from(x); });
+    }
+    const T* P2m = kInPlace ? reinterpret_cast<const T*>(S2.data()) : P2.data();
+    gemm_op<T, acc_t>(nb, dp, n2, P2m, kInPlace ? n2p : n2k, zB.data(), dp, Yb.data(), dp, false);  // Y = P Z
+    for (int64_t jj = 0; jj < nb; ++jj)
+      store_row(out + (b * g.H * g.W + TB.pos[jj]) * A.C + h * d, Yb.data() + jj * dp, d);
+  }
+}
+
+// rdb1 / rdb2: this chunk's bias gradients in REVERSED table order (the driver flips them).
+template <typename scalar_t, typename acc_t>
+void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout,
+                          const acc_t* zsave, const acc_t* lsesave, scalar_t* gqkv, scalar_t* ganc,
+                          acc_t* dtau1, acc_t* rdbias1, acc_t* dtau2, acc_t* rdbias2) {
+  const StripeGeom& g = A.g;
+  const int64_t d = A.d, dp = pad16(d), n1 = g.n1, n2 = g.n2, C = A.C, L = g.H * g.W, R = g.table_rows;
+  const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
+  const acc_t tau1 = A.tau1[h], tau2 = A.tau2[h];
+  const acc_t* rb1 = A.rbias1 + h * R;
+  const acc_t* rb2 = A.rbias2 + h * R;
+  acc_t* rdb1 = rdbias1 + h * R;
+  acc_t* rdb2 = rdbias2 + h * R;
+  AnchorTile<scalar_t, acc_t> AT(A, b, win, h, true, false);
+  TokenBlock TB;
+  std::vector<acc_t> ZT(d * n2), Zp(n2 * dp, acc_t(0)), dZ(n2 * dp, acc_t(0)), dA(n2 * dp, acc_t(0)), D1(n2),
+      xb(kBlock * dp, acc_t(0)), xn(kBlock), dYb(kBlock * dp, acc_t(0)), dXb(kBlock * dp), dVb(kBlock * dp),
+      kT(d * kBlock), vT(d * kBlock), cs(std::max(kBlock * n2, n2 * kBlock)), P(n2 * kBlock), dP(n2 * kBlock);
+  const acc_t* Z = zsave + task * n2 * d;
+  const acc_t* lse = lsesave + task * n2;
+  for (int64_t i = 0; i < n2; ++i)
+    for (int64_t c = 0; c < d; ++c) ZT[c * n2 + i] = Zp[i * dp + c] = Z[i * d + c];
+  double dt1 = 0, dt2 = 0;  // long sums with cancellation: rows in acc_t, totals in double
+
+  // ---- pass A: stage 2 backward per token block (rows of n2 entries)
+  for (int64_t jb = 0; jb < n1; jb += kBlock) {
+    TB.index(g, win, jb);
+    const int64_t nb = TB.nb;
+    load_tokens(A, TB, b, h, 0, xb.data(), static_cast<acc_t*>(nullptr), xn.data());  // q_hat rows
+    const scalar_t* gbase = gout + b * L * C + h * d;
+    for (int64_t jj = 0; jj < std::min(kPrefetch, nb); ++jj) prefetch_row(gbase + TB.pos[jj] * C, d, 1);
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      if (jj + kPrefetch < nb) prefetch_row(gbase + TB.pos[jj + kPrefetch] * C, d, 1);
+      load_row(gbase + TB.pos[jj] * C, 1, d, dYb.data() + jj * dp);
+      prefetch_row_for_write(gqkv + (b * L + TB.pos[jj]) * 3 * C + h * d, d);
+    }
+    gemm<acc_t>(nb, n2, d, acc_t(1), xb.data(), dp, 1, AT.aT.data(), n2, cs.data(), n2, false);   // cos
+    gemm<acc_t>(nb, n2, d, acc_t(1), dYb.data(), dp, 1, ZT.data(), n2, dP.data(), n2, false);     // dP = dY Z^T
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      const acc_t* cr = cs.data() + jj * n2;
+      acc_t* pr = P.data() + jj * n2;
+      acc_t* dr = dP.data() + jj * n2;
+      for (int64_t i = 0; i < n2; ++i) pr[i] = cr[i];
+      stage2_logits(g, tau2, rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), pr);
+      softmax_inplace(pr, n2);
+      const acc_t D = row_dot(pr, dr, n2);
+      for (int64_t i = 0; i < n2; ++i) dr[i] = pr[i] * (dr[i] - D);  // dS
+      dt2 += row_dot(dr, cr, n2);
+      acc_t* brow = rdb2 + (R - 1 - TB.tbase[jj]);  // reversed: + aoff[i] = u * table_w + v
+      for (int64_t u = 0; u < g.ah; ++u)
+        for (int64_t v = 0; v < g.aw; ++v) brow[u * g.table_w + v] += dr[u * g.aw + v];
+    }
+    gemm<acc_t>(n2, dp, nb, acc_t(1), P.data(), 1, n2, dYb.data(), dp, dZ.data(), dp, true);   // dZ += P^T dY
+    gemm<acc_t>(n2, dp, nb, tau2, dP.data(), 1, n2, xb.data(), dp, dA.data(), dp, true);       // da_hat += tau dS^T q_hat
+    gemm<acc_t>(nb, dp, n2, tau2, dP.data(), n2, 1, AT.ahat.data(), dp, dXb.data(), dp, false); // dq_hat = tau dS a_hat
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      acc_t* dq = dXb.data() + jj * dp;
+      normalize_backward_inplace(dq, xb.data() + jj * dp, xn[jj], d);
+      store_row(gqkv + (b * L + TB.pos[jj]) * 3 * C + h * d, dq, d);
+    }
+  }
+
+  // ---- pass B: stage 1 backward per token block (probabilities from the saved lse)
+  for (int64_t i = 0; i < n2; ++i) D1[i] = row_dot(dZ.data() + i * dp, Zp.data() + i * dp, d);
+  for (int64_t jb = 0; jb < n1; jb += kBlock) {
+    TB.index(g, win, jb);
+    const int64_t nb = TB.nb;
+    load_tokens(A, TB, b, h, 1, xb.data(), kT.data(), xn.data());  // k_hat rows and columns
+    load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
+      prefetch_row_for_write(gk, d);
+      prefetch_row_for_write(gk + C, d);
+    }
+    gemm<acc_t>(n2, nb, d, acc_t(1), AT.ahat.data(), dp, 1, kT.data(), kBlock, cs.data(), kBlock, false);  // cos
+    gemm<acc_t>(n2, nb, d, acc_t(1), dZ.data(), dp, 1, vT.data(), kBlock, dP.data(), kBlock, false);       // dZ v^T
+    for (int64_t i = 0; i < n2; ++i) {
+      const acc_t* cr = cs.data() + i * kBlock;
+      acc_t* pr = P.data() + i * kBlock;
+      acc_t* dr = dP.data() + i * kBlock;
+      for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = cr[jj];
+      stage1_logits(g, tau1, rb1, AT.abase[i], AT.aid[i], TB, pr);
+      const acc_t li = lse[i], Di = D1[i];
+      for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = exp_fast(pr[jj] - li);
+      for (int64_t jj = 0; jj < nb; ++jj) dr[jj] = pr[jj] * (dr[jj] - Di);  // dS
+      dt1 += row_dot(dr, cr, nb);
+      acc_t* bw = rdb1 + (R - 1 - AT.abase[i]);  // reversed: + toff[jj]
+      for (int64_t r = 0; r < TB.nruns; ++r) {
+        const BiasRun run = TB.runs[r];
+        acc_t* o = bw + run.off;
+        const acc_t* s = dr + run.j0;
+        for (int64_t x = 0; x < run.len; ++x) o[x] += s[x];
+      }
+    }
+    gemm<acc_t>(nb, dp, n2, acc_t(1), P.data(), 1, kBlock, dZ.data(), dp, dVb.data(), dp, false);     // dv = P^T dZ
+    gemm<acc_t>(nb, dp, n2, tau1, dP.data(), 1, kBlock, AT.ahat.data(), dp, dXb.data(), dp, false);  // dk_hat
+    gemm<acc_t>(n2, dp, nb, tau1, dP.data(), kBlock, 1, xb.data(), dp, dA.data(), dp, true);         // da_hat
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      acc_t* dk = dXb.data() + jj * dp;
+      normalize_backward_inplace(dk, xb.data() + jj * dp, xn[jj], d);
+      scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
+      store_row(gk, dk, d);
+      store_row(gk + C, dVb.data() + jj * dp, d);
+    }
+  }
+  // ---- anchors: both stages contributed to dA (gradient w.r.t. a_hat)
+  for (int64_t i = 0; i < n2; ++i) {
+    acc_t* dar = dA.data() + i * dp;
+    normalize_backward_inplace(dar, AT.ahat.data() + i * dp, AT.anorm[i], d);
+    const int64_t p = stripe_anchor_position(g, win, i);
+    store_row(ganc + (b * g.Ha * g.Wa + p) * C + h * d, dar, d);
+  }
+  dtau1[h] += static_cast<acc_t>(dt1);
+  dtau2[h] += static_cast<acc_t>(dt2);
+}
+
+}  // namespace
+
+// Entry points of this ISA (explicitly instantiated below, inside the ISA's target region).
+template <typename scalar_t, typename acc_t>
+void stripe_forward_range(const StripeArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, scalar_t* out, acc_t* z,
+                          acc_t* lse) {
+  for (int64_t t = t0; t < t1; ++t) stripe_forward_task(A, t, out, z, lse);
+}
+
+template <typename scalar_t, typename acc_t>
+void stripe_backward_range(const StripeArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, const scalar_t* gout,
+                           const acc_t* z, const acc_t* lse, scalar_t* gqkv, scalar_t* ganc, acc_t* dt1, acc_t* rdb1,
+                           acc_t* dt2, acc_t* rdb2) {
+  for (int64_t t = t0; t < t1; ++t) stripe_backward_task(A, t, gout, z, lse, gqkv, ganc, dt1, rdb1, dt2, rdb2);
+}
+
+#define GRL_STRIPE_INSTANTIATE(S, A_)                                                                            \
+  template void stripe_forward_range<S, A_>(const StripeArgs<S, A_>&, int64_t, int64_t, S*, A_*, A_*);          \
+  template void stripe_backward_range<S, A_>(const StripeArgs<S, A_>&, int64_t, int64_t, const S*, const A_*,  \
+                                             const A_*, S*, S*, A_*, A_*, A_*, A_*);
+GRL_STRIPE_INSTANTIATE(float, float)
+GRL_STRIPE_INSTANTIATE(double, double)
+GRL_STRIPE_INSTANTIATE(c10::BFloat16, float)
+#undef GRL_STRIPE_INSTANTIATE
+
+}  // namespace GRL_ISA
+}  // namespace cpu
+}  // namespace grl

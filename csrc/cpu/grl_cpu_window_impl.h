@@ -1,0 +1,233 @@
+// grl_cpu_window_impl.h -- task code of the (shifted) window attention, compiled once per ISA
+// (included by grl_cpu_window.cpp inside `#pragma GCC target` regions; no include guard).
+//
+// Per window and head: Y = softmax_j(tau q_hat_i . k_hat_j + B[rel(i, j)] + M[i, j]) v.
+// Forward: the window's scattered token rows are gathered once into contiguous per-thread
+// tiles of the product type T (float32 / float64, or bfloat16 for vdpbf16ps): q (A
+// operand, n x d), k^T and v (B operands), raw (bfloat16 stays exact; the dot products are
+// scaled by the float32 inverse norms afterwards); query blocks of 32 rows are complete (n
+// entries) with an exact float32 softmax. Backward (float32 tiles for bfloat16 inputs):
+// recomputes the probabilities (no saved state).
+
+#include "grl_cpu_kernels.h"
+
+namespace grl {
+namespace cpu {
+namespace GRL_ISA {
+namespace {
+
+constexpr int64_t kQueryBlock = 32;  // query rows per block of window attention
+
+// Positions, bias offsets and region ids of a window's tokens, walking it row by row on the
+// rolled grid (no divisions); qoff[j] - (y2 * side + x2) is the bias row of (j, (y2, x2)).
+struct WindowIndex {
+  std::vector<int64_t> pos, qoff;
+  std::vector<int> rid;
+  WindowIndex(const WindowGeom& g, int64_t win) : pos(g.n), qoff(g.n), rid(g.n) {
+    const int64_t side = g.table_side;
+    const int64_t r0 = win / g.windows_w * g.ws, c0 = win % g.windows_w * g.ws;
+    for (int64_t j = 0, y = 0, x = 0; j < g.n; ++j) {
+      pos[j] = window_token_position_rc(g, r0 + y, c0 + x);
+      qoff[j] = (y + g.ws - 1) * side + (x + g.ws - 1);
+      rid[j] = g.shift > 0 ? window_token_region_rc(g, r0 + y, c0 + x) : 0;
+      if (++x == g.ws) x = 0, ++y;
+    }
+  }
+};
+
+// Walk the window's rows (prefetched kPrefetch tokens ahead: they are scattered over the
+// image) and hand emit(j, q, k, v) the converted rows.
+template <typename scalar_t, typename acc_t, typename Emit>
+GRL_INLINE void gather_window(const WindowArgs<scalar_t, acc_t>& A, const WindowIndex& I, int64_t b, int64_t h,
+                              const Emit& emit) {
+  const int64_t n = A.g.n, d = A.d;
+  const scalar_t* base = A.qkv + b * A.vq.sb + h * d * A.vq.sc;
+  auto prefetch = [&](int64_t j) {
+    const scalar_t* qp = base + I.pos[j] * A.vq.sl;
+    for (int part = 0; part < 3; ++part) prefetch_row(qp + part * A.C * A.vq.sc, d, A.vq.sc);
+  };
+  for (int64_t j = 0; j < std::min(kPrefetch, n); ++j) prefetch(j);
+  acc_t q[kMaxStackD], k[kMaxStackD], v[kMaxStackD];
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + kPrefetch < n) prefetch(j + kPrefetch);
+    const scalar_t* qp = base + I.pos[j] * A.vq.sl;
+    load_row(qp, A.vq.sc, d, q);
+    load_row(qp + A.C * A.vq.sc, A.vq.sc, d, k);
+    load_row(qp + 2 * A.C * A.vq.sc, A.vq.sc, d, v);
+    emit(j, q, k, v);
+  }
+}
+
+// Row i of the logits, in place: tau * cos + B[rel(i, j)] + M[i, j]; each key row y2 of the
+// window reads one contiguous run of the reversed table rb.
+// With colscale (the forward's raw dot products): tau * colscale[j] * dot instead.
+template <typename acc_t>
+GRL_INLINE void window_logits(const WindowGeom& g, const WindowIndex& I, int64_t i, acc_t tau, const acc_t* rb,
+                              acc_t* row, const acc_t* colscale = nullptr) {
+  const int64_t ws = g.ws, side = g.table_side;
+  const acc_t* base = rb + (g.table_rows - 1 - I.qoff[i]);
+  for (int64_t y2 = 0; y2 < ws; ++y2) {
+    const acc_t* bb = base + y2 * side;
+    acc_t* o = row + y2 * ws;
+    if (colscale) {
+      const acc_t* cs = colscale + y2 * ws;
+      for (int64_t x2 = 0; x2 < ws; ++x2) o[x2] = tau * cs[x2] * o[x2] + bb[x2];
+    } else {
+      for (int64_t x2 = 0; x2 < ws; ++x2) o[x2] = tau * o[x2] + bb[x2];
+    }
+  }
+  if (g.shift > 0) {
+    const int ri = I.rid[i];
+    const int* rr = I.rid.data();
+    for (int64_t j = 0; j < g.n; ++j) row[j] += (ri != rr[j]) ? acc_t(kMaskValue) : acc_t(0);
+  }
+}
+
+template <typename acc_t>
+GRL_INLINE void softmax_row_inplace(acc_t* row, int64_t n) {
+  const acc_t sum = exp_shift_sum(row, n, row_max(row, n));
+  const acc_t inv = acc_t(1) / sum;
+  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+}
+
+template <typename scalar_t, typename acc_t>
+void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, scalar_t* out) {
+  using T = typename OpType<scalar_t, acc_t>::T;
+  using Lay = OpLayout<T>;
+  constexpr bool kInPlace = std::is_same<T, acc_t>::value;
+  const WindowGeom& g = A.g;
+  const int64_t n = g.n, d = A.d, dp = pad16(d), dk = kpad<T>(d), np = pad16(n), nk = kpad<T>(n);
+  const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
+  const WindowIndex I(g, win);
+  // contiguous tiles: q_hat rows (A), k_hat^T (B, K = d, N = n), v (B, K = n, N = d)
+  // RAW rows (bfloat16 stays exact); the dot products are scaled by 1 / (|q| |k|) in float32
+  std::vector<T> qA(n * dk, T(0)), kB(dk * np, T(0)), vB(nk * dp, T(0));
+  std::vector<acc_t> qinv(n), kinv(n);
+  gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
+    qinv[j] = inv_norm(q, d);
+    kinv[j] = inv_norm(k, d);
+    for (int64_t c = 0; c < d; ++c) {
+      qA[j * dk + c] = Lay::from(q[c]);
+      kB[Lay::bidx(c, j, np)] = Lay::from(k[c]);
+      vB[Lay::bidx(j, c, dp)] = Lay::from(v[c]);
+    }
+  });
+  const int64_t MB = std::min(kQueryBlock, n);
+  std::vector<acc_t> S(MB * np), Y(MB * dp);
+  std::vector<T> P(kInPlace ? 0 : MB * nk, T(0));
+  const acc_t tau = A.tau[h];
+  const acc_t* rb = A.rbias + h * g.table_rows;
+  for (int64_t i0 = 0; i0 < n; i0 += MB) {
+    const int64_t mb = std::min(MB, n - i0);
+    for (int64_t r = 0; r < mb; ++r) prefetch_row_for_write(out + (b * g.H * g.W + I.pos[i0 + r]) * A.C + h * d, d);
+    gemm_op<T, acc_t>(mb, np, d, qA.data() + i0 * dk, dk, kB.data(), np, S.data(), np, false);  // cos
+    for (int64_t r = 0; r < mb; ++r) {
+      acc_t* row = S.data() + r * np;
+      window_logits(g, I, i0 + r, tau * qinv[i0 + r], rb, row, kinv.data());
+      T* pr = kInPlace ? reinterpret_cast<T*>(row) : P.data() + r * nk;
+      softmax_to(row, n, pr, [](acc_t x) { return Lay::from(x); });
+    }
+    const T* Pm = kInPlace ? reinterpret_cast<const T*>(S.data()) : P.data();
+    gemm_op<T, acc_t>(mb, dp, n, Pm, kInPlace ? np : nk, vB.data(), dp, Y.data(), dp, false);  // P v
+    for (int64_t r = 0; r < mb; ++r) store_row(out + (b * g.H * g.W + I.pos[i0 + r]) * A.C + h * d, Y.data() + r * dp, d);
+  }
+}
+
+// rdbias: this chunk's bias gradient in REVERSED table order (the driver flips it).
+template <typename scalar_t, typename acc_t>
+void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout, scalar_t* gqkv,
+                          acc_t* dtau, acc_t* rdbias) {
+  const WindowGeom& g = A.g;
+  const int64_t n = g.n, d = A.d, dp = pad16(d), C = A.C, L = g.H * g.W, ws = g.ws, side = g.table_side;
+  const int64_t R = g.table_rows;
+  const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
+  const WindowIndex I(g, win);
+  // normalized q_hat, k_hat (n x dp), k_hat^T (d x n), v (n x dp), v^T (d x n), the norms
+  std::vector<acc_t> qh(n * dp, acc_t(0)), qn(n), kh(n * dp, acc_t(0)), kT(d * n), kn(n), vT(d * n);
+  gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
+    qn[j] = normalize_inplace(q, d);
+    kn[j] = normalize_inplace(k, d);
+    for (int64_t c = 0; c < d; ++c) {
+      qh[j * dp + c] = q[c];
+      kh[j * dp + c] = k[c];
+      kT[c * n + j] = k[c];
+      vT[c * n + j] = v[c];
+    }
+  });
+  const int64_t MB = std::min(kQueryBlock, n);
+  std::vector<acc_t> S(MB * n), P(MB * n), dP(MB * n), dY(MB * dp, acc_t(0)), dQ(MB * dp), dK(n * dp, acc_t(0)),
+      dV(n * dp, acc_t(0));
+  const acc_t tau = A.tau[h];
+  const acc_t* rb = A.rbias + h * R;
+  acc_t* rdb = rdbias + h * R;
+  double dt = 0;  // sum of ~n^2 terms with cancellation: rows in acc_t, the total in double
+  for (int64_t i0 = 0; i0 < n; i0 += MB) {
+    const int64_t mb = std::min(MB, n - i0);
+    for (int64_t r = 0; r < mb; ++r) prefetch_row(gout + (b * L + I.pos[i0 + r]) * C + h * d, d, 1);
+    gemm<acc_t>(mb, n, d, acc_t(1), qh.data() + i0 * dp, dp, 1, kT.data(), n, S.data(), n, false);  // cos
+    for (int64_t r = 0; r < mb; ++r) {
+      acc_t* pr = P.data() + r * n;
+      const acc_t* cr = S.data() + r * n;
+      for (int64_t j = 0; j < n; ++j) pr[j] = cr[j];
+      window_logits(g, I, i0 + r, tau, rb, pr);
+      softmax_row_inplace(pr, n);
+      load_row(gout + (b * L + I.pos[i0 + r]) * C + h * d, 1, d, dY.data() + r * dp);
+    }
+    gemm<acc_t>(mb, n, d, acc_t(1), dY.data(), dp, 1, vT.data(), n, dP.data(), n, false);  // dP = dY v^T
+    for (int64_t r = 0; r < mb; ++r) {
+      const acc_t* pr = P.data() + r * n;
+      const acc_t* cr = S.data() + r * n;
+      acc_t* dr = dP.data() + r * n;
+      const acc_t D = row_dot(pr, dr, n);
+      for (int64_t j = 0; j < n; ++j) dr[j] = pr[j] * (dr[j] - D);  // dS
+      dt += row_dot(dr, cr, n);
+      acc_t* brow = rdb + (R - 1 - I.qoff[i0 + r]);  // reversed: + y2 * side + x2
+      for (int64_t y2 = 0; y2 < ws; ++y2) {
+        acc_t* o = brow + y2 * side;
+        const acc_t* sr = dr + y2 * ws;
+        for (int64_t x2 = 0; x2 < ws; ++x2) o[x2] += sr[x2];
+      }
+    }
+    gemm<acc_t>(mb, dp, n, tau, dP.data(), n, 1, kh.data(), dp, dQ.data(), dp, false);               // dq_hat
+    gemm<acc_t>(n, dp, mb, tau, dP.data(), 1, n, qh.data() + i0 * dp, dp, dK.data(), dp, true);      // dk_hat
+    gemm<acc_t>(n, dp, mb, acc_t(1), P.data(), 1, n, dY.data(), dp, dV.data(), dp, true);            // dv
+    for (int64_t r = 0; r < mb; ++r) {
+      acc_t* dq = dQ.data() + r * dp;
+      normalize_backward_inplace(dq, qh.data() + (i0 + r) * dp, qn[i0 + r], d);
+      store_row(gqkv + (b * L + I.pos[i0 + r]) * 3 * C + h * d, dq, d);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t* dkr = dK.data() + j * dp;
+    normalize_backward_inplace(dkr, kh.data() + j * dp, kn[j], d);
+    scalar_t* gk = gqkv + (b * L + I.pos[j]) * 3 * C + C + h * d;
+    store_row(gk, dkr, d);
+    store_row(gk + C, dV.data() + j * dp, d);
+  }
+  dtau[h] += static_cast<acc_t>(dt);
+}
+
+}  // namespace
+
+template <typename scalar_t, typename acc_t>
+void window_forward_range(const WindowArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, scalar_t* out) {
+  for (int64_t t = t0; t < t1; ++t) window_forward_task(A, t, out);
+}
+
+template <typename scalar_t, typename acc_t>
+void window_backward_range(const WindowArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, const scalar_t* gout,
+                           scalar_t* gqkv, acc_t* dtau, acc_t* rdbias) {
+  for (int64_t t = t0; t < t1; ++t) window_backward_task(A, t, gout, gqkv, dtau, rdbias);
+}
+
+#define GRL_WINDOW_INSTANTIATE(S, A_)                                                              \
+  template void window_forward_range<S, A_>(const WindowArgs<S, A_>&, int64_t, int64_t, S*);      \
+  template void window_backward_range<S, A_>(const WindowArgs<S, A_>&, int64_t, int64_t, const S*, S*, A_*, A_*);
+GRL_WINDOW_INSTANTIATE(float, float)
+GRL_WINDOW_INSTANTIATE(double, double)
+GRL_WINDOW_INSTANTIATE(c10::BFloat16, float)
+#undef GRL_WINDOW_INSTANTIATE
+
+}  // namespace GRL_ISA
+}  // namespace cpu
+}  // namespace grl
