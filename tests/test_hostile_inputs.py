@@ -345,10 +345,8 @@ def test_cpu_results_identical_for_thread_counts_1_2_3():
             assert _scaled(other[k], results[0][k]) <= 1e-5 * max(1.0, results[0][k].abs().max().item()), k
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cpu backward sums logit-scale and bias-table gradients over num_chunks(tasks) = min(tasks, "
-    "at::get_num_threads()) partials (csrc/cpu/grl_cpu_common.h), so their rounding depends on the thread "
-    "count (observed up to 5e-7 relative); a fixed chunk count would make them bitwise identical"))
+# the partials are summed over a fixed number of chunks (kReductionChunks in
+# csrc/cpu/grl_cpu_common.h), not one per thread: fails if the chunking follows the thread count
 def test_cpu_parameter_gradients_bitwise_identical_for_thread_counts():
     _require("cpu")
     results = _cpu_results_for_thread_counts()

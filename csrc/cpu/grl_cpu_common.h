@@ -96,8 +96,12 @@ inline void for_chunk_ranges(int64_t tasks, int64_t chunks, const F& fn) {
   });
 }
 
+// Parameter-gradient partials: one buffer per chunk of tasks, summed in chunk order afterwards.
+// A FIXED chunk count (not the thread count) makes the sums, and so the gradients, the same bits
+// for every thread count; 64 chunks keep up to 64 threads busy.
+constexpr int64_t kReductionChunks = 64;
 inline int64_t num_chunks(int64_t tasks) {
-  return std::max<int64_t>(1, std::min<int64_t>(tasks, at::get_num_threads()));
+  return std::max<int64_t>(1, std::min<int64_t>(tasks, kReductionChunks));
 }
 
 inline at::ScalarType acc_type_of(at::ScalarType t) {
