@@ -158,3 +158,14 @@ def test_auto_fallback_warns_once_with_the_reason(monkeypatch):
         registry.resolve_backend("auto", torch.device("cpu"), torch.float32)  # once only
         # a dtype the unavailable backend does not take: nothing was skipped, no warning
         registry.resolve_backend("auto", torch.device("cpu"), torch.float16)
+
+
+def test_a_backend_module_that_fails_to_import_is_registered_unavailable(monkeypatch):
+    from grl_kernels import backends
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    backends._register_or_report("no_such_backend_module", [("broken_fused", "cpu")])
+    ok, why = dict((n, (o, w)) for n, o, w in G.backend_info())["broken_fused"]
+    assert not ok and "no_such_backend_module failed to import (ModuleNotFoundError" in why
+    with pytest.raises(G.BackendUnavailableError, match="'broken_fused' is not available: .*failed to import"):
+        registry.resolve_backend("broken_fused", torch.device("cpu"), torch.float32)

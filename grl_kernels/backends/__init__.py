@@ -14,10 +14,27 @@ from .registry import (
 )
 from . import reference_backend  # noqa: F401  (registers "reference")
 from . import triton_backend  # noqa: F401  (registers "triton")
-try:  # compiled "cpu"/"cuda" backends: registered always, built lazily; never break the import
-    from . import cpu_backend, cuda_backend  # noqa: F401
-except Exception:  # pragma: no cover
-    pass
+
+def _register_or_report(module: str, names) -> None:
+    """Import a compiled backend's module (it registers itself; built lazily). If even the import
+    fails (e.g. a torch too old for its op registration), register the names as unavailable with
+    the reason, so "auto" warns and `grl-kernels info` says why, instead of an unknown name."""
+    import importlib
+
+    try:
+        importlib.import_module(f"{__name__}.{module}")
+    except Exception as exc:
+        import torch
+
+        why = f"grl_kernels.backends.{module} failed to import ({type(exc).__name__}: {exc})"
+        for name, device in names:
+            register_backend(Backend(name=name, stripe=None, window=None, devices=frozenset({device}),
+                                     dtypes=frozenset({torch.float32}), priority=-1,
+                                     check_available=lambda why=why: (False, why)))
+
+
+_register_or_report("cpu_backend", [("cpu", "cpu")])
+_register_or_report("cuda_backend", [("cuda", "cuda")])
 
 __all__ = [
     "Backend",

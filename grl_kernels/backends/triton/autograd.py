@@ -14,7 +14,6 @@ direction. z, lse1, lse2 and lse are saved statistics, not meant to be different
 
 Importing this module does not import triton; the kernels load on the first real call.
 """
-from __future__ import annotations
 
 from typing import List, Tuple
 
