@@ -33,6 +33,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 
+import grl_kernels as G
+
 from fuzz_helpers import Stats, cpu_backends, errors, make_inputs, run_case, stripe_cases, window_cases
 
 IN_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
@@ -69,14 +71,26 @@ RATIO = 2.0
 # Triton a tensor passes at 2x the reference's error OR within the fixed limits of
 # tests/test_triton_interpreter.py (float32 5e-5, bfloat16 1e-1); every other backend is held
 # to 2x.
-KNOWN_LIMIT = {("triton", torch.float32): 5e-5, ("triton", torch.bfloat16): 1e-1}
+# The same holds for the CUDA C++ kernels (run on the CPU by the emulation layer): float32
+# qkv gradients at small head dims reach 4.1e-5 against the reference's 2.0e-6 (window, d = 2,
+# tau 20); they are held to tests/test_cuda_kernels.py's fixed limits (float32 1e-4, bfloat16
+# 1e-1) until their summation order is reworked.
+KNOWN_LIMIT = {("triton", torch.float32): 5e-5, ("triton", torch.bfloat16): 1e-1,
+               ("cuda", torch.float32): 1e-4, ("cuda", torch.bfloat16): 1e-1}
 RATIO_SLACK = {torch.float32: 1e-5, torch.bfloat16: 4 * 7.8e-3}
 
 STATS = Stats()
 
 
+# GRL_FUZZ_EMULATED_CUDA=1 (set by test_fuzz_emulated_cuda's subprocess, with
+# GRL_KERNELS_EMULATE_CUDA=1): fuzz only the CUDA kernels run on the CPU, a quarter of the budget
+EMULATED_ONLY = os.environ.get("GRL_FUZZ_EMULATED_CUDA", "0") == "1"
+
+
 def _settings(kind, dtype, interp=False):
     n = (INTERP_EXAMPLES if interp else EXAMPLES)[(kind, dtype)]
+    if EMULATED_ONLY:
+        n = max(4, n // 4)
     derandomize = True
     if LONG:
         n = max(n, round(n * LONG / _CI_TOTAL))
@@ -101,6 +115,9 @@ def _backends(dtype):
     names = cpu_backends(dtype)
     if IN_INTERPRETER:
         names = [n for n in names if n == "triton"]
+    if EMULATED_ONLY:
+        assert "cuda" in names or dtype == torch.float64, f"the emulated cuda backend is not available: {G.backend_info()}"
+        names = [n for n in names if n == "cuda"]
     return names
 
 
@@ -160,6 +177,20 @@ if not IN_INTERPRETER:
         def run(case):
             _check_low(case, dtype)
         run()
+
+    @pytest.mark.skipif(EMULATED_ONLY or os.environ.get("GRL_KERNELS_NO_JIT") == "1",
+                        reason="this is the driver; the emulation is built just in time")
+    def test_fuzz_emulated_cuda():
+        """The CUDA C++ kernels, executed on the CPU by the emulation layer (csrc/emu), fuzzed in
+        float32 and bfloat16 in a subprocess (GRL_KERNELS_EMULATE_CUDA is read at import)."""
+        env = dict(os.environ, GRL_KERNELS_EMULATE_CUDA="1", GRL_FUZZ_EMULATED_CUDA="1")
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", str(pathlib.Path(__file__)),
+               "-k", "(float32 or bfloat16) and not interp and not triton_interpreter and not emulated"]
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+        print(r.stdout[-6000:])
+        assert r.returncode == 0, f"emulated cuda fuzz failed (rc {r.returncode}):\n{r.stdout[-8000:]}\n{r.stderr[-3000:]}"
+        m = re.search(r"(\d+) passed", r.stdout)
+        assert m and int(m.group(1)) == 4 and "skipped" not in r.stdout, r.stdout[-2000:]
 
     @pytest.mark.skipif(os.environ.get("GRL_FUZZ_INTERPRETER", "1") == "0", reason="GRL_FUZZ_INTERPRETER=0")
     def test_fuzz_triton_interpreter():
