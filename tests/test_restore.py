@@ -187,12 +187,12 @@ torch.set_num_threads(2)
 d = torch.load(sys.argv[1], weights_only=False)
 m = GRL(**d["kwargs"]).eval()
 m.load_state_dict(d["state_dict"], strict=False)
-x = torch.rand(1, 3, 160, 160)
+x = torch.rand(1, 3, 128, 128)
 def fn():
     with torch.no_grad(), G.use_backend("cpu"):
         return m(x)
 fn()
-print(min(peak_memory(fn) for _ in range(3)) / estimate_memory(m, (160, 160)))
+print(min(peak_memory(fn) for _ in range(2)) / estimate_memory(m, (128, 128)))
 """
 
 

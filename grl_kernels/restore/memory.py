@@ -211,8 +211,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
 _M_MMAP_THRESHOLD = -3
 
 
-def release_freed_memory_promptly(threshold: int = 1 << 20) -> bool:
-    """Serve allocations above ``threshold`` bytes by mmap (glibc ``mallopt``), so freed activations go
+def release_freed_memory_promptly(threshold: int = 128 << 10) -> bool:
+    """Serve allocations above ``threshold`` bytes (128 KiB) by mmap (glibc ``mallopt``), so freed activations go
     back to the OS at once instead of staying in a fragmented heap: the process's peak resident
     memory then equals the peak of live tensors (the default dynamic threshold adds 50-90 % on
     GRL). Process-wide; returns False where glibc is not available."""
