@@ -18,6 +18,8 @@ from .functional import anchored_stripe_attention, grl_window_attention, stripe_
 from .geometry import StripeGeometry, WindowGeometry, stripe_geometry, window_geometry
 from .modules import AnchoredStripeAttention, WindowAttention
 from .patching import PatchReport, patch, unpatch
+from .optimize import optimize
+from .restore import estimate_memory, restore
 
 __version__ = "0.1.0"
 
@@ -42,4 +44,7 @@ __all__ = [
     "patch",
     "unpatch",
     "PatchReport",
+    "optimize",
+    "restore",
+    "estimate_memory",
 ]

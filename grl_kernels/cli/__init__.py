@@ -2,7 +2,8 @@
 
 Subcommands: ``info`` (versions, devices, backends), ``check`` (every backend against
 the reference, plus the published-code fixtures), ``bench`` (attention microbenchmarks)
-and ``bench-model`` (whole GRL models). See docs/cli.md.
+``bench-model`` (whole GRL models) and ``restore`` (image files). See docs/cli.md
+and docs/restore.md.
 """
 from __future__ import annotations
 
@@ -113,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--markdown", action=_Once, metavar="FILE")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_bench_model)
+
+    from ..restore.cli import add_parser as add_restore_parser
+
+    add_restore_parser(sub, _Once)
     return p
 
 
