@@ -22,7 +22,7 @@ step() { echo "[install-paths] $(( $(date +%s) - t0 ))s: $*" >&2; }
 
 step "base venv with torch==2.13.0 only (CPU wheel from the local disk)"
 "$PY" -m venv "$WORK/base"
-"$WORK/base/bin/python" -m pip install -q "torch==2.13.0" ninja filelock setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
+"$WORK/base/bin/python" -m pip install -q "torch==2.13.0" ninja filelock numpy pillow setuptools wheel 2>&1 | grep -v "^WARNING: Location" || true
 BASE_SITE="$("$WORK/base/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 
 fresh_venv() {  # fresh_venv NAME -> a venv that imports torch from the base venv, nothing else
