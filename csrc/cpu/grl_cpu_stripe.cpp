@@ -34,27 +34,8 @@ struct StripeArgs {
 }  // namespace grl
 
 // ---- the task code, once per instruction set
-#define GRL_ISA isa_base
-#define GRL_ISA_LEVEL 0
-#include "grl_cpu_stripe_impl.h"
-#undef GRL_ISA
-#undef GRL_ISA_LEVEL
-#if GRL_X86
-GRL_ISA_BEGIN_AVX2
-#define GRL_ISA isa_avx2
-#define GRL_ISA_LEVEL 1
-#include "grl_cpu_stripe_impl.h"
-#undef GRL_ISA
-#undef GRL_ISA_LEVEL
-GRL_ISA_END
-GRL_ISA_BEGIN_AVX512
-#define GRL_ISA isa_avx512
-#define GRL_ISA_LEVEL 2
-#include "grl_cpu_stripe_impl.h"
-#undef GRL_ISA
-#undef GRL_ISA_LEVEL
-GRL_ISA_END
-#endif
+#define GRL_ISA_IMPL "grl_cpu_stripe_impl.h"
+#include "grl_cpu_isa_instances.h"
 
 namespace grl {
 namespace cpu {
