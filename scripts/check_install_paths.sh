@@ -74,7 +74,9 @@ step "2. pip install <sdist>"
 (cd "$ROOT" && "$WORK/base/bin/python" setup.py -q sdist -d "$WORK/dist" >/dev/null 2>"$WORK/sdist.log") \
   || { cat "$WORK/sdist.log" >&2; exit 1; }
 SDIST="$(ls "$WORK"/dist/grl_kernels-*.tar.gz)"
-tar -tzf "$SDIST" | grep -q "csrc/cpu/grl_cpu_stripe.cpp" || { echo "sdist lacks csrc/" >&2; exit 1; }
+# (listings go to files first: with pipefail, grep -q quitting early would fail the pipe)
+tar -tzf "$SDIST" > "$WORK/sdist.list"
+grep -q "csrc/cpu/grl_cpu_stripe.cpp" "$WORK/sdist.list" || { echo "sdist lacks csrc/" >&2; exit 1; }
 fresh_venv sdist
 "$WORK/sdist/bin/python" -m pip install -q "$SDIST" 2>&1 | grep -v "^WARNING: Location" || true
 check sdist no  # identical sources and flags: the build of path 1 is reused from the cache
@@ -86,11 +88,18 @@ tar -C "$ROOT" --exclude=./.venv --exclude=./build --exclude=./.git --exclude='*
 (cd "$WORK/wheel-src" && "$WORK/base/bin/python" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/wheels" . \
   2>&1 | grep -v "^WARNING: Location") || true
 WHEEL="$(ls "$WORK"/wheels/grl_kernels-*.whl)"
-unzip -l "$WHEEL" | grep -q "grl_kernels/_C_cpu" || { echo "the wheel holds no compiled extension" >&2; exit 1; }
+unzip -l "$WHEEL" > "$WORK/wheel.list"
+grep -q "grl_kernels/_C_cpu" "$WORK/wheel.list" || { echo "the wheel holds no compiled extension" >&2; exit 1; }
 # portable: no AVX-512 (zmm) instructions in the wheel's extension
 (cd "$WORK" && rm -rf whl-x && mkdir whl-x && cd whl-x && unzip -q "$WHEEL" 'grl_kernels/_C_cpu*')
-if command -v objdump >/dev/null && objdump -d "$WORK"/whl-x/grl_kernels/_C_cpu*.so | grep -q "%zmm"; then
-  echo "the wheel's extension uses AVX-512 instructions: it was built with -march=native" >&2; exit 1
+# the per-ISA copies (AVX2 / AVX-512 task code, chosen at run time) may use ymm/zmm; the code
+# outside them must not: the default target of the build is baseline x86-64
+if command -v objdump >/dev/null; then
+  objdump -d --no-show-raw-insn "$WORK"/whl-x/grl_kernels/_C_cpu*.so > "$WORK/wheel.asm"
+  if awk '/^[0-9a-f]+ <.*>:$/ {isa = ($0 ~ /isa_avx/)} /%zmm/ && !isa {bad = 1} END {exit !bad}' "$WORK/wheel.asm"; then
+    echo "the wheel's extension uses AVX-512 outside its run-time-dispatched copies: built with -march=native?" >&2
+    exit 1
+  fi
 fi
 rm -rf "$WORK/wheel-src"
 fresh_venv wheel
