@@ -45,7 +45,8 @@ def optimize(model, *, dtype: Union[str, torch.dtype, None] = "auto", compile: b
     * ``backend``: attention backend of every block ("auto": the fused one for the device).
     * ``dtype``: "auto" (bfloat16 where the device computes it natively, float32 otherwise; see
       :func:`best_dtype`), a torch dtype, or None (keep). The weights are converted in place.
-    * ``compile``: ``torch.compile`` of the whole model (one graph, no breaks).
+    * ``compile``: ``torch.compile`` of the whole model (one graph, no breaks), returned as a
+      :class:`CompiledGRL` (``_orig_mod`` is the model).
     The model is put in eval mode; its in-place inference fast path is used when no grad is needed.
     """
     from .models import GRL
@@ -65,5 +66,31 @@ def optimize(model, *, dtype: Union[str, torch.dtype, None] = "auto", compile: b
     if dtype is not None:
         m.to(dtype)
     if compile:
-        return torch.compile(m, dynamic=False)
+        return CompiledGRL(m)
     return m
+
+
+class CompiledGRL(torch.nn.Module):
+    """``torch.compile`` of a GRL model, called inside the model's heap cache.
+
+    The compiled graph cannot enter :func:`grl_kernels.heap.heap_cache` itself (a C call is a
+    graph break), so this wrapper does it around the call. ``_orig_mod`` is the GRL model (as on
+    torch's own compiled modules); ``state_dict`` and ``parameters`` are the model's.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self._orig_mod = model
+        object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False))  # not a submodule
+
+    def forward(self, x):
+        from .heap import heap_cache
+
+        with heap_cache(self._orig_mod._use_heap_cache(x)):
+            return self._compiled(x)
+
+    def state_dict(self, *args, **kwargs):
+        return self._orig_mod.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        return self._orig_mod.load_state_dict(*args, **kwargs)

@@ -176,13 +176,27 @@ def test_single_valued_option_given_twice_is_refused(capsys, command):
 
 def test_bench_model_small(capsys, tmp_path):
     pytest.importorskip("grl_kernels.models")
+    from grl_kernels.bench.published import spandrel_available
+
     js = tmp_path / "m.json"
     rc = main(["bench-model", "--preset", "GRL-T", "--image-size", "16", "--reps", "1", "--device", "cpu",
-               "--backend", "reference", "--no-progress", "--json", str(js)])
+               "--backend", "reference", "--optimize", "--no-progress", "--json", str(js)])
     assert rc == 0, capsys.readouterr()
     rows = json.loads(js.read_text())["results"]
-    assert rows[0]["backend"] == "reference" and rows[0]["status"] == "ok"
-    assert len(rows) == 1 and rows[0]["infer_ms"] > 0 and rows[0]["train_ms"] > 0 and rows[0]["infer_speedup"] == 1.0
+    by = {r["backend"]: r for r in rows}
+    expected = (["published"] if spandrel_available() else []) + ["reference", "optimize(compile=False)"]
+    assert [r["backend"] for r in rows] == expected
+    assert all(r["status"] == "ok" and r["infer_ms"] > 0 for r in rows), rows
+    ref = by["reference"]
+    assert ref["train_ms"] > 0 and ref["infer_speedup"] == 1.0
+    assert "train_ms" not in by["optimize(compile=False)"]  # inference only
+    assert by["optimize(compile=False)"]["max_rel_err"] <= 5e-2
+    if spandrel_available():  # the published network is the ratios' baseline and its output the reference
+        assert by["published"]["x_published"] == 1.0 and "max_rel_err" not in by["published"]
+        assert ref["max_rel_err"] <= 1e-5 and ref["x_published"] > 0 and ref["peak_vs_published"] > 0
+    rc = main(["bench-model", "--preset", "GRL-T", "--image-size", "16", "--reps", "1", "--no-published",
+               "--backend", "reference", "--no-train", "--no-progress", "--json", str(js)])
+    assert rc == 0 and [r["backend"] for r in json.loads(js.read_text())["results"]] == ["reference"]
 
 
 def test_console_script_declared():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-import types
 
 import pytest
 import torch
@@ -29,30 +28,10 @@ import torch
 import grl_kernels
 from grl_kernels.models import GRL as OurGRL
 from grl_kernels.backends import registry
+from grl_kernels.bench.published import _stub_torchvision
 from grl_kernels.patching import is_patched
 
 SPANDREL_VERSION = "0.4.2"
-
-
-def _stub_torchvision() -> None:
-    try:
-        importlib.import_module("torchvision.transforms.functional")
-        return
-    except Exception:  # missing, or a build that does not match this torch
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-
-    def _unavailable(*args, **kwargs):
-        raise RuntimeError("torchvision stub (tests/test_patching_spandrel.py): not available")
-
-    tv = types.ModuleType("torchvision")
-    transforms = types.ModuleType("torchvision.transforms")
-    functional = types.ModuleType("torchvision.transforms.functional")
-    functional.InterpolationMode = type("InterpolationMode", (), {})
-    functional.rotate = functional.normalize = _unavailable
-    tv.transforms, transforms.functional = transforms, functional
-    sys.modules.update({"torchvision": tv, "torchvision.transforms": transforms,
-                        "torchvision.transforms.functional": functional})
 
 
 @pytest.fixture(scope="module")

@@ -110,6 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reps", action=_Once, type=_POSITIVE, default=3)
     s.add_argument("--backend", action="append", metavar="NAME")
     s.add_argument("--no-train", action="store_true", help="inference only")
+    s.add_argument("--no-published", action="store_true",
+                   help="leave out the published network (spandrel's copy; run by default when installed)")
+    s.add_argument("--compile", action="store_true",
+                   help="add torch.compile runs: the published network's and each fused backend's (inference)")
+    s.add_argument("--optimize", action="store_true",
+                   help="add grl_kernels.optimize(model): its dtype choice, compiled with --compile")
     s.add_argument("--json", action=_Once, metavar="FILE")
     s.add_argument("--markdown", action=_Once, metavar="FILE")
     s.add_argument("--no-progress", action="store_true")

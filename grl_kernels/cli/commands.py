@@ -240,12 +240,15 @@ def cmd_bench_model(args) -> int:
             raise ValueError(f"--image-size must be >= 8, got {s}")
     cfg = ModelBenchConfig(presets=presets, sizes=sizes, device=device, dtype=_DT[args.dtype],
                            batch=getattr(args, "batch", 1), reps=1 if quick else (getattr(args, "reps", None) or 3),
-                           train=not args.no_train, backends=args.backend, task=getattr(args, "task", None))
+                           train=not args.no_train, backends=args.backend, task=getattr(args, "task", None),
+                           published=not getattr(args, "no_published", False), compile=getattr(args, "compile", False),
+                           optimize=getattr(args, "optimize", False))
     t0 = time.perf_counter()
     rows = bench_model(cfg, show_progress=not args.no_progress)
     headers, trows = model_table_rows(rows)
     print(text_table(headers, trows))
-    print(f"bench-model finished in {time.perf_counter() - t0:.1f}s ('x' = speed-up over the reference attention)")
+    print(f"bench-model finished in {time.perf_counter() - t0:.1f}s (x ref / x pub / x pub-c: speed-up over our "
+          "reference-attention model / the published model eager / compiled; MiB: peak memory of inference)")
     info = machine_info()
     if args.json:
         _dump_json(args.json, {"machine": info, "device": device, "dtype": args.dtype, "results": rows})

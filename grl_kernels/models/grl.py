@@ -8,6 +8,7 @@ on square inputs this gives exactly the published numbers.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backends.registry import _check_name
+from ..heap import heap_cache
 from ..modules import AnchoredStripeAttention, WindowAttention
 from .layers import (
     CONV_TYPES,
@@ -26,6 +28,11 @@ from .layers import (
     blc_to_bchw,
     build_last_conv,
 )
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
 
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
 INIT_METHODS = ("", "n", "r", "w", "x", "t", "fan_in")
@@ -120,6 +127,11 @@ class GRL(nn.Module):
         out_channels = out_channels or in_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
+        # inference calls keep freed blocks in the C heap (grl_kernels.heap); False turns it off
+        self.heap_cache = True
+        # inference calls run the "pixelshuffle" / "nearest+conv" upsampler in row bands of this
+        # many bytes of its finest features (see _tail); 0 turns banding off
+        self.tail_band_bytes = 32 * 2 ** 20
         num_out_feats = 64
         self.embed_dim = embed_dim
         self.upscale = upscale
@@ -258,6 +270,60 @@ class GRL(nn.Module):
             )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the model expects in_channels = {self.in_channels}")
+        if self._use_heap_cache(x):
+            with heap_cache():  # reuse freed blocks without page faults (grl_kernels.heap)
+                return self._forward(x)
+        return self._forward(x)
+
+    # below this size of one (B, L, C) activation the allocations stay under glibc's mmap
+    # threshold anyway, and the trim on leaving the cache costs more than it saves
+    HEAP_CACHE_MIN_BYTES = 4 * 2 ** 20
+
+    def _use_heap_cache(self, x: torch.Tensor) -> bool:
+        if not self.heap_cache or torch.is_grad_enabled() or _compiling():
+            return False
+        feat = x.shape[0] * x.shape[2] * x.shape[3] * self.embed_dim * x.element_size()
+        return feat >= self.HEAP_CACHE_MIN_BYTES
+
+    def _upsampler_body(self, x: torch.Tensor) -> torch.Tensor:
+        """The upsampling convolutions: features (B, C, H, W) -> (B, out, sH, sW) before the mean."""
+        if self.upsampler == "pixelshuffle":
+            return self.conv_last(self.upsample(self.conv_before_upsample(x)))
+        x = self.conv_before_upsample(x)
+        x = self.lrelu(self.conv_up1(F.interpolate(x, scale_factor=2, mode="nearest")))
+        x = self.lrelu(self.conv_up2(F.interpolate(x, scale_factor=2, mode="nearest")))
+        return self.conv_last(self.lrelu(self.conv_hr(x)))
+
+    def _tail(self, x: torch.Tensor) -> torch.Tensor:
+        """The upsampler of "pixelshuffle" / "nearest+conv", in row bands when that saves memory.
+
+        Its 64-channel features at 2x and 4x resolution are the largest tensors of the whole
+        model (GRL-S at 256x256: 256 MiB each, most of the published model's peak). Without
+        autograd the rows are done in bands of ``tail_band_bytes`` of such features: each band
+        takes ``radius`` extra input rows on both sides, enough for every 3x3 convolution of
+        the chain (one row per convolution at the input's resolution or finer), and keeps its
+        own rows of the output, so every output pixel sees the same inputs as unbanded.
+        """
+        B, _, H, W = x.shape
+        s = self.upscale
+        per_row = B * 64 * s * s * W * x.element_size()  # bytes of one input row's finest features
+        budget = self.tail_band_bytes
+        if torch.is_grad_enabled() or not budget or per_row * H <= 2 * budget:
+            return self._upsampler_body(x)
+        radius = 2 + int(math.log2(s)) if self.upsampler == "pixelshuffle" else 5  # 3x3 convs in the chain
+        band = max(radius, budget // per_row)
+        out = None
+        for y0 in range(0, H, band):
+            y1 = min(H, y0 + band)
+            a, b = max(0, y0 - radius), min(H, y1 + radius)
+            part = self._upsampler_body(x[:, :, a:b])
+            if out is None:
+                out = part.new_empty(B, part.shape[1], H * s, W * s)
+            out[:, :, y0 * s: y1 * s] = part[:, :, (y0 - a) * s: (y1 - a) * s]
+            del part
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         H, W = x.shape[2:]
         x = self.check_image_size(x)
         mean = self.mean.type_as(x)
@@ -265,8 +331,7 @@ class GRL(nn.Module):
         if self.upsampler == "pixelshuffle":
             x = self.conv_first(x)
             x = self.conv_after_body(self.forward_features(x)) + x
-            x = self.conv_before_upsample(x)
-            x = self.conv_last(self.upsample(x))
+            x = self._tail(x)
         elif self.upsampler == "pixelshuffledirect":
             x = self.conv_first(x)
             x = self.conv_after_body(self.forward_features(x)) + x
@@ -274,10 +339,7 @@ class GRL(nn.Module):
         elif self.upsampler == "nearest+conv":
             x = self.conv_first(x)
             x = self.conv_after_body(self.forward_features(x)) + x
-            x = self.conv_before_upsample(x)
-            x = self.lrelu(self.conv_up1(F.interpolate(x, scale_factor=2, mode="nearest")))
-            x = self.lrelu(self.conv_up2(F.interpolate(x, scale_factor=2, mode="nearest")))
-            x = self.conv_last(self.lrelu(self.conv_hr(x)))
+            x = self._tail(x)
         else:
             x_first = self.conv_first(x)
             res = self.conv_after_body(self.forward_features(x_first)) + x_first

@@ -168,8 +168,11 @@ class AnchorLinear(nn.Module):
         self.reduction = nn.Linear(in_channels, out_channels, bias=bias)
 
     def forward(self, x, x_size):
-        x = bchw_to_blc(self.pooling(blc_to_bchw(x, x_size)))
-        return blc_to_bhwc(self.reduction(x), [s // self.down_factor for s in x_size])
+        # pool the (B, H, W, C) view as channels-last NCHW: the same sums in the same order as
+        # pooling blc_to_bchw(x) (bit-identical), without the strided copy that layout costs
+        B, L, C = x.shape
+        x = self.pooling(x.view(B, *x_size, C).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.reduction(x)
 
 
 ANCHOR_PROJ_TYPES = ("avgpool", "maxpool", "conv2d", "separable_conv", "patchmerging")
@@ -280,12 +283,23 @@ class MixedAttention(nn.Module):
 
     def forward(self, x, x_size):
         C = x.shape[-1]
-        qkv = self.qkv(x, x_size)
-        qkv_window, qkv_stripe = torch.split(qkv, C * 3 // 2, dim=-1)
-        del qkv  # (the dels free qkv and the halves before the projection: 2 L*C less at the peak)
         anchor = self.anchor(x, x_size)
-        x_window = self.window_attn(qkv_window, x_size)
-        del qkv_window
+        if self.qkv.proj_type == "linear":
+            # the [window | stripe] halves of the qkv Linear, one at a time: each half's output
+            # columns are the same dot products as in the full product, and only 1.5 L*C of qkv
+            # is alive at once instead of 3 L*C
+            w, b = self.qkv.body.weight, self.qkv.body.bias
+            half = C * 3 // 2
+            qkv_window = F.linear(x, w[:half], None if b is None else b[:half])
+            x_window = self.window_attn(qkv_window, x_size)
+            del qkv_window
+            qkv_stripe = F.linear(x, w[half:], None if b is None else b[half:])
+        else:
+            qkv = self.qkv(x, x_size)
+            qkv_window, qkv_stripe = torch.split(qkv, C * 3 // 2, dim=-1)
+            del qkv
+            x_window = self.window_attn(qkv_window, x_size)
+            del qkv_window
         x_stripe = self.stripe_attn(qkv_stripe, anchor, x_size)
         del qkv_stripe, anchor
         out = torch.cat([x_window, x_stripe], dim=-1)

@@ -6,6 +6,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from ..heap import heap_cache
 from .memory import auto_tile, is_out_of_memory
 from .tiling import model_geometry, round_tile, run_tiled, tile_count
 
@@ -72,25 +73,36 @@ def restore(model, image: torch.Tensor, *, tile: Union[None, int, str] = None, o
     def fn(inp):
         return model(inp)
 
-    while True:
-        try:
-            with torch.no_grad():
-                if t is None:
-                    out = fn(xd).float()
-                    if on_tile:
-                        on_tile(1, 1)
-                else:
-                    out = run_tiled(fn, xd, t, overlap, scale, cout, on_tile)
-            break
-        except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
-            if not is_out_of_memory(exc):
-                raise
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            current = t if t is not None else round_tile(max(H, W), pad)
-            if current <= pad:
-                raise ValueError(f"out of memory even with the smallest tile ({pad} px): {exc}") from None
-            t = round_tile(current // 2, pad)
-            warnings.warn(f"out of memory with tiles of {current} px; retrying with {t} px", RuntimeWarning)
+    # the heap cache (grl_kernels.heap) spans all tiles, so that blocks freed by one tile are
+    # reused by the next; under tile="auto" it is off, as the budget counts live tensors only
+    m = getattr(model, "_orig_mod", model)
+    cache = getattr(m, "heap_cache", None)
+    if tile == "auto" and cache is not None:
+        m.heap_cache = False
+    try:
+        with heap_cache(enabled=bool(getattr(m, "heap_cache", False)) and device.type == "cpu"):
+            while True:
+                try:
+                    with torch.no_grad():
+                        if t is None:
+                            out = fn(xd).float()
+                            if on_tile:
+                                on_tile(1, 1)
+                        else:
+                            out = run_tiled(fn, xd, t, overlap, scale, cout, on_tile)
+                    break
+                except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                    if not is_out_of_memory(exc):
+                        raise
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    current = t if t is not None else round_tile(max(H, W), pad)
+                    if current <= pad:
+                        raise ValueError(f"out of memory even with the smallest tile ({pad} px): {exc}") from None
+                    t = round_tile(current // 2, pad)
+                    warnings.warn(f"out of memory with tiles of {current} px; retrying with {t} px", RuntimeWarning)
+    finally:
+        if cache is not None:
+            m.heap_cache = cache
     out = out.to(device=image.device, dtype=image.dtype)
     return out if image.dim() == 4 else out[0]

@@ -19,7 +19,6 @@ line calls; glibc's default heap keeps and fragments freed blocks, adding 50-90 
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 from typing import Optional, Sequence, Tuple
@@ -208,19 +207,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
 
 
-_M_MMAP_THRESHOLD = -3
-
-
 def release_freed_memory_promptly(threshold: int = 128 << 10) -> bool:
     """Serve allocations above ``threshold`` bytes (128 KiB) by mmap (glibc ``mallopt``), so freed activations go
     back to the OS at once instead of staying in a fragmented heap: the process's peak resident
     memory then equals the peak of live tensors (the default dynamic threshold adds 50-90 % on
-    GRL). Process-wide; returns False where glibc is not available."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):
-        return False
+    GRL). Process-wide; returns False where glibc is not available. See :func:`grl_kernels.heap.release_promptly`."""
+    from ..heap import release_promptly
+
+    return release_promptly(threshold)
 
 
 # ---------------------------------------------------------------- measuring

@@ -1,0 +1,116 @@
+"""Keep freed blocks in the C heap for the length of an inference call (glibc only).
+
+Why: on Linux, PyTorch's CPU tensors come from ``malloc``. glibc serves blocks above its
+mmap threshold (at most 32 MiB) with a fresh ``mmap`` and gives them back with ``munmap`` when
+freed, and it trims the heap's free top above its trim threshold. Each new block is then
+faulted in page by page on first touch (about 1 us per 4 KiB page here). A GRL forward at
+256x256 allocates and frees the same few (L, C)-sized tensors in every block: measured on
+GRL-T, 440 000 page faults per forward, a quarter of its time (``benchmarks/results``).
+
+What: inside :func:`heap_cache`, ``mallopt`` makes every block come from the heap
+(``M_MMAP_MAX`` 0) and stops automatic trimming (``M_TRIM_THRESHOLD`` 2 GiB), so a block freed
+by one transformer block is reused by the next without new faults. On leaving the outermost
+scope, mmap is allowed again and ``malloc_trim(0)`` gives the cached memory back to the system,
+so the process's memory after the call is what it was. The cost: peak memory grows by the
+heap's fragmentation (measured below). A side effect outlives the scope: once thresholds are
+set, glibc stops adapting them, so on exit they are set to the values its own adaptation
+reaches in any process that frees tensors of 32 MiB or more (mmap threshold 32 MiB, trim
+threshold 64 MiB); setting glibc's lower initial defaults back would make every later
+allocation of the process slower than it would otherwise be.
+
+Nested and concurrent scopes share one count: only the outermost entry and exit touch the
+allocator. Elsewhere (non-glibc, ``GRL_KERNELS_HEAP_CACHE=0``) the scope does nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import os
+import threading
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+# what glibc's own dynamic thresholds converge to once blocks of 32 MiB or more have been freed
+# (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, and twice that for trimming); its default mmap count
+_SETTLED_MMAP_THRESHOLD = 32 * 2 ** 20
+_SETTLED_TRIM_THRESHOLD = 64 * 2 ** 20
+_GLIBC_DEFAULT_MMAP_MAX = 65536
+_CACHE_TRIM_THRESHOLD = 2 ** 31 - 1  # mallopt takes an int
+
+_lock = threading.Lock()
+_depth = 0
+# the thresholds set on leaving the outermost scope: the settled ones, or what the process chose
+# through release_promptly (e.g. grl-kernels restore under a memory budget)
+_exit_thresholds = [_SETTLED_MMAP_THRESHOLD, _SETTLED_TRIM_THRESHOLD]
+_libc = []  # [CDLL or None], resolved on first use
+
+
+def _glibc():
+    if not _libc:
+        lib = None
+        try:
+            cand = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            cand.gnu_get_libc_version  # glibc only: musl and others have other allocators
+            cand.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+            cand.malloc_trim.argtypes = [ctypes.c_size_t]
+            lib = cand
+        except (OSError, AttributeError):
+            lib = None
+        _libc.append(lib)
+    return _libc[0]
+
+
+def supported() -> bool:
+    """True where the heap cache takes effect (glibc, not disabled by GRL_KERNELS_HEAP_CACHE=0)."""
+    return os.environ.get("GRL_KERNELS_HEAP_CACHE", "1") != "0" and _glibc() is not None
+
+
+def active() -> bool:
+    """True while some thread is inside a :func:`heap_cache` scope that took effect."""
+    return _depth > 0
+
+
+@contextlib.contextmanager
+def heap_cache(enabled: bool = True):
+    """Inside the scope, freed blocks stay in the heap for reuse; on exit they go back to the system."""
+    global _depth
+    lib = _glibc() if enabled and supported() else None
+    if lib is None:
+        yield
+        return
+    with _lock:
+        _depth += 1
+        if _depth == 1:
+            lib.mallopt(_M_MMAP_MAX, 0)
+            lib.mallopt(_M_TRIM_THRESHOLD, _CACHE_TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                lib.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
+                lib.mallopt(_M_MMAP_THRESHOLD, _exit_thresholds[0])
+                lib.mallopt(_M_TRIM_THRESHOLD, _exit_thresholds[1])
+                lib.malloc_trim(0)
+
+
+def release_promptly(threshold: int = 128 << 10) -> bool:
+    """Process-wide: serve blocks above ``threshold`` bytes by mmap and trim the heap above twice
+    that, so freed memory goes back to the system at once and the process's peak resident memory
+    equals the peak of live tensors (glibc's default dynamic thresholds add 50-90 % on GRL, by
+    fragmentation). Heap-cache scopes restore this setting when they end. Returns False where
+    glibc is not available. Used by ``grl-kernels restore`` under a memory budget."""
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or not 0 < threshold <= _SETTLED_MMAP_THRESHOLD:
+        raise ValueError(f"threshold must be an int of bytes in (0, {_SETTLED_MMAP_THRESHOLD}], got {threshold!r}")
+    lib = _glibc()
+    if lib is None:
+        return False
+    with _lock:
+        _exit_thresholds[:] = [threshold, 2 * threshold]
+        if _depth == 0:
+            lib.mallopt(_M_MMAP_THRESHOLD, threshold)
+            lib.mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
+    return True
