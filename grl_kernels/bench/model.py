@@ -60,12 +60,13 @@ class ModelBenchConfig:
     dtype: torch.dtype = torch.float32
     batch: int = 1
     reps: int = 3
-    warmup: int = 1
+    warmup: int = 1          # calls before timing, after the first (checked) call
     max_seconds: float = 20.0
     train: bool = True
     backends: Optional[Sequence[str]] = None
     task: Optional[str] = None
     published: bool = True   # spandrel's copy of the published network, eager (when installed)
+    reference: bool = True   # our model with the reference attention
     compile: bool = False    # torch.compile variants: published+compile, <backend>+compile
     optimize: bool = False   # grl_kernels.optimize(model) (its dtype choice, compiled when compile)
 
@@ -99,8 +100,8 @@ def variants(cfg: ModelBenchConfig) -> List[Variant]:
         out.append(Variant("published", "published"))
         if cfg.compile:
             out.append(Variant("published+compile", "published", compiled=True))
-    names = ["reference"] + [b.name for b in fused_backends(cfg.device, cfg.dtype, cfg.backends)
-                             if b.name != "reference"]
+    names = (["reference"] if cfg.reference else []) + [b.name for b in fused_backends(cfg.device, cfg.dtype, cfg.backends)
+                                                        if b.name != "reference"]
     out += [Variant(n, "ours", backend=n) for n in names]
     if cfg.compile:
         out += [Variant(f"{n}+compile", "ours", backend=n, compiled=True) for n in names if n != "reference"]
@@ -214,7 +215,7 @@ def _train(r: Dict, net, v: Variant, x, ref_out, cfg: ModelBenchConfig, dev) -> 
         opt.step()
         return loss.detach()
 
-    tt = time_fn(step, dev, cfg.reps, cfg.warmup, cfg.max_seconds)
+    tt = time_fn(step, dev, cfg.reps, max(1, cfg.warmup), cfg.max_seconds)
     r["train_ms"] = tt.median_s * 1e3
     r["train_peak_mib"] = peak_memory(step, dev) / 2 ** 20
     net.zero_grad(set_to_none=True)

@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--reps", action=_Once, type=_POSITIVE, default=3)
     s.add_argument("--backend", action="append", metavar="NAME")
     s.add_argument("--no-train", action="store_true", help="inference only")
+    s.add_argument("--no-reference", action="store_true", help="leave out our model with the reference attention")
     s.add_argument("--no-published", action="store_true",
                    help="leave out the published network (spandrel's copy; run by default when installed)")
     s.add_argument("--compile", action="store_true",

@@ -242,6 +242,7 @@ def cmd_bench_model(args) -> int:
                            batch=getattr(args, "batch", 1), reps=1 if quick else (getattr(args, "reps", None) or 3),
                            train=not args.no_train, backends=args.backend, task=getattr(args, "task", None),
                            published=not getattr(args, "no_published", False), compile=getattr(args, "compile", False),
+                           reference=not getattr(args, "no_reference", False), warmup=0,
                            optimize=getattr(args, "optimize", False))
     t0 = time.perf_counter()
     rows = bench_model(cfg, show_progress=not args.no_progress)

@@ -294,6 +294,17 @@ class GRL(nn.Module):
         x = self.lrelu(self.conv_up2(F.interpolate(x, scale_factor=2, mode="nearest")))
         return self.conv_last(self.lrelu(self.conv_hr(x)))
 
+    def tail_bands(self, B: int, H: int, W: int, element_size: int):
+        """(band rows, halo rows) of the banded upsampler on (B, C, H, W) features, or None if unbanded."""
+        if self.upsampler not in ("pixelshuffle", "nearest+conv") or not self.tail_band_bytes:
+            return None
+        s = self.upscale
+        per_row = B * 64 * s * s * W * element_size  # bytes of one input row's finest features
+        if per_row * H <= 2 * self.tail_band_bytes:
+            return None
+        radius = 2 + int(math.log2(s)) if self.upsampler == "pixelshuffle" else 5  # 3x3 convs in the chain
+        return max(radius, self.tail_band_bytes // per_row), radius
+
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
         """The upsampler of "pixelshuffle" / "nearest+conv", in row bands when that saves memory.
 
@@ -306,12 +317,10 @@ class GRL(nn.Module):
         """
         B, _, H, W = x.shape
         s = self.upscale
-        per_row = B * 64 * s * s * W * x.element_size()  # bytes of one input row's finest features
-        budget = self.tail_band_bytes
-        if torch.is_grad_enabled() or not budget or per_row * H <= 2 * budget:
+        plan = None if torch.is_grad_enabled() else self.tail_bands(B, H, W, x.element_size())
+        if plan is None:
             return self._upsampler_body(x)
-        radius = 2 + int(math.log2(s)) if self.upsampler == "pixelshuffle" else 5  # 3x3 convs in the chain
-        band = max(radius, budget // per_row)
+        band, radius = plan
         out = None
         for y0 in range(0, H, band):
             y1 = min(H, y0 + band)

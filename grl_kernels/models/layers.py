@@ -97,7 +97,9 @@ class CAB(nn.Module):
         )
 
     def forward(self, x, x_size):
-        return bchw_to_blc(self.cab(blc_to_bchw(x, x_size).contiguous()))
+        # (B, L, C) viewed as NCHW is channels-last: the convolutions run on it as it is and give
+        # channels-last outputs, whose (B, L, C) view is contiguous again (no layout copies)
+        return bchw_to_blc(self.cab(blc_to_bchw(x, x_size)))
 
 
 class SeparableConv(nn.Sequential):

@@ -5,13 +5,15 @@ no-grad forward (see docs/restore.md for the derivation), with L = B * H_pad * W
 C = embed_dim, e = bytes per element:
 
 * body, inside a block: the conv_first output, the stage input and the block input stay alive
-  (3 L C) while the attention holds qkv (3 L C) and both halves of its output (L C): 7 L C (qkv is
-  freed before the concatenation and projection); the MLP holds the fc1 output (GELU in place,
+  (3 L C) while the attention holds one qkv half (1.5 L C; the halves are computed one after the
+  other) and both halves of its output (L C): 5.5 L C; CAB (GRL-B) holds the attention branch's
+  output and its own conv outputs and product (3.25 L C) on top of the 3 L C; the MLP holds the fc1 output (GELU in place,
   r L C for mlp_ratio r) and fc2's (L C). Residuals are added in place without autograd. The reference backend adds its materialized windows and attention
   maps; the fused backends only small per-call geometry tables.
 * tail: the upsampler. A pixel-shuffle step holds its conv output and the shuffled copy
   (2 * 4 * 64 channels at the step's input resolution), so x4 'pixelshuffle' peaks at
-  2048 L elements at the last step, more than the body of GRL-S or GRL-B.
+  2048 L elements at the last step, more than the body of GRL-S or GRL-B; the model runs it in
+  row bands when large (``GRL.tail_bands``): then one band's share of that, plus the output.
 
 The estimate matches the peak of live tensor storage; the process's resident memory follows it
 when glibc serves large blocks by mmap (:func:`release_freed_memory_promptly`, which the command
@@ -82,11 +84,17 @@ def estimate_memory(model, size: Sequence[int], dtype=torch.float32, backend: Op
     f = m.anchor_window_down_factor
     held = 3 * C if sum(len(s.blocks) for s in m.layers) > 1 else 2 * C
     anchors = 1.5 * C / (f * f)
-    attn = held + 4 * C + anchors  # qkv (3C) and both attention outputs (C); freed before cat + proj
+    if getattr(m.layers[0].blocks[0].attn.qkv, "proj_type", "linear") == "linear":
+        attn = held + 2.5 * C + anchors  # one qkv half at a time (1.5C) and both attention outputs (C)
+    else:
+        attn = held + 4 * C + anchors  # qkv (3C) and both attention outputs (C); freed before cat + proj
     if backend == "reference":
         attn = held + 3 * C + _reference_attention_elems(m, L)
     mlp = held + r * C + C  # fc1 output (GELU in place) and fc2's
     body = max(attn, mlp)
+    if getattr(m.layers[0].blocks[0], "local_connection", False):
+        # CAB, while the attention branch's output (C) waits: conv outputs C/4 and C, the channel-attention product C
+        body = max(body, held + 3.25 * C)
     nf = 64
     if m.upsampler == "pixelshuffle":
         steps = [4] * int(round(math.log2(scale))) if scale & (scale - 1) == 0 else [9]
@@ -102,6 +110,11 @@ def estimate_memory(model, size: Sequence[int], dtype=torch.float32, backend: Op
     else:
         tail = 3 * C + 2 * cout
     tail += 2 * C / (scale * scale) if m.upsampler else 0  # conv_first output and body output, early in the tail
+    plan = m.tail_bands(batch, Hp, Wp, _element_size(dtype)) if hasattr(m, "tail_bands") else None
+    if plan is not None:  # banded upsampler: the chain's tensors of one band, plus the whole output twice
+        band, radius = plan
+        frac = min(1.0, (band + 2 * radius) / Hp)
+        tail = 2 * C / (scale * scale) + frac * tail + 2 * cout
     per_token = max(body, tail) + 2 * cin  # + the padded and normalized input
     return int(per_token * L * _element_size(dtype))
 
