@@ -11,7 +11,7 @@ nobody looks, and the comparison with the reference on compact copies fails (no 
 
 - cpu and cuda (the CUDA kernels through the emulation layer, csrc/emu): qkv and anchor read
   in place through their strides (those backends write their outputs contiguous: their write
-  offsets are covered by tests/test_offset_types.py);
+  offsets are covered by tests/test_large_offsets_cxx.py);
 - triton (Triton's interpreter, which computes int32 arithmetic in int32 numpy arrays): also
   the forward output and the gradients written through huge strides
   (``launcher.activation_allocator``) and ``grad`` / ``out`` read through them in the backward.
