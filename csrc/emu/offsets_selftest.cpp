@@ -9,10 +9,10 @@
 //  2. the helpers at positions beyond 2^31 (a 98304 x 98304 grid) against direct int64 formulas;
 //  3. every kernel, forward and backward, on the LAST image of a batch so large that its rows,
 //     its outputs' element offsets, its saved state and workspaces all lie beyond 2^31 elements
-//     (batch 50331648 of 8 x 8 images; the thread index itself exceeds 2^31): only the threads of
+//     (batch 50331648 of 8 x 8 images; the thread index itself exceeds 2^31; checked): only the threads of
 //     one (window, head) task of image 0 and of image B-1 run (the kernels are grid-stride loops,
 //     emulated: blockIdx / threadIdx are set per row), in buffers that are lazy MAP_NORESERVE
-//     mappings (~150 GB of address space, a few pages touched). The inputs have batch stride 0,
+//     mappings (~250 GB of address space for the stripe case, a few pages touched). The inputs have batch stride 0,
 //     so both images see the same data, and image B-1 must give the same bits as image 0: a
 //     32-bit offset reads zeros or writes elsewhere, and the compare fails.
 #include <sys/mman.h>
@@ -233,6 +233,7 @@ void huge_window() {
   for (int64_t t : {t0, tL}) run_rows(window_backward_queries<bf16, 32>, t * g.n, g.n, p, s, gr);
   for (int64_t t : {t0, tL}) run_rows(window_backward_keys<bf16, 32>, t * g.n, g.n, p, s, gr);
   expect(tL * g.n > (int64_t(1) << 31), "window thread index beyond 2^31", tL * g.n, int64_t(1) << 31);
+  expect((B - 1) * L * C > (int64_t(1) << 31), "window output offset beyond 2^31", (B - 1) * L * C, int64_t(1) << 31);
   same_rows("window qn", s.qn, 0, (B - 1) * L, L, nh);
   same_rows("window kn", s.kn, 0, (B - 1) * L, L, nh);
   same_rows("window out", out, 0, (B - 1) * L, L, C);  // rows of the other windows: 0 in both
@@ -245,7 +246,9 @@ void huge_window() {
 
 void huge_stripe() {
   StripeProblem p;
-  p.g = make_stripe_geom(8, 8, 4, 8, 2, 4, 2, 1);  // shifted, f = 2: 4 x 4 anchors, windows of 2 x 4
+  // shifted, f = 1 (anchor grid = token grid: the anchor rows, Z and d_anchor offsets reach 2^31
+  // at the same batch as the token rows; f = 2 is part 2's)
+  p.g = make_stripe_geom(8, 8, 4, 8, 2, 4, 1, 1);
   const StripeGeom& g = p.g;
   const int64_t B = kHugeB, nh = 1, d = 2, C = nh * d, L = g.H * g.W, A = g.Ha * g.Wa;
   const int64_t tasks = B * g.num_windows * nh;
@@ -279,7 +282,8 @@ void huge_stripe() {
   for (int64_t t : {t0, tL}) run_rows(stage2_backward_anchors<bf16, 32>, t * g.n2, g.n2, p, s, gr);
   for (int64_t t : {t0, tL}) run_rows(stage1_backward_tokens<bf16, 32>, t * g.n1, g.n1, p, s, gr);
   for (int64_t t : {t0, tL}) run_rows(stage1_backward_anchors<bf16, 32>, t * g.n2, g.n2, p, s, gr);
-  expect(tL * g.n1 > (int64_t(1) << 31), "stripe thread index beyond 2^31", tL * g.n1, int64_t(1) << 31);
+  expect(tL * g.n2 > (int64_t(1) << 31), "stripe thread index beyond 2^31", tL * g.n2, int64_t(1) << 31);
+  expect(tL * g.n2 * d > (int64_t(1) << 31), "stripe Z offset beyond 2^31", tL * g.n2 * d, int64_t(1) << 31);
   same_rows("stripe an", s.an, 0, (B - 1) * A, A, nh);
   same_rows("stripe z", s.z, t0, tL, 1, g.n2 * d);
   same_rows("stripe lse1", s.lse1, t0, tL, 1, g.n2);
