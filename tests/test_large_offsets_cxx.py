@@ -36,7 +36,7 @@ def test_cuda_kernels_and_geometry_offsets_are_64_bit(tmp_path):
     cmd = [_cxx(), "-std=c++20", "-O1", "-DGRL_CUDA_EMU", "-Wall", "-Wconversion", "-Werror", "-Wno-unknown-pragmas",
            *inc, str(ROOT / "csrc" / "emu" / "offsets_selftest.cpp"), "-o", str(exe)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, "build failed (an implicit narrowing is an error here):\n" + res.stderr[-4000:]
+    assert res.returncode == 0, "the harness does not compile (implicit narrowing is an error here):\n" + res.stderr[-4000:]
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     print(run.stdout)
     if run.returncode == 77:
