@@ -39,6 +39,7 @@ class Mutant:
     old: str  # must occur exactly once
     new: str
     what: str
+    tests: tuple = ()  # test files run for this mutant in addition to --tests
 
     @property
     def cpp(self) -> bool:
@@ -77,6 +78,18 @@ MUTANTS: List[Mutant] = [
     Mutant("eps_float", "csrc/include/grl_geometry.h",
            "constexpr double kNormEps = 1e-12;", "constexpr double kNormEps = 1e-12f;",
            "kernel eps rounded to float32 (2e-8 off in float64)"),
+    # 32-bit element offsets (caught only by the huge-offset tests, which the defaults do not run)
+    Mutant("triton_batch_offset_i32", "grl_kernels/backends/triton/window_fwd.py",
+           "qkv_b = QKV + tl.multiple_of(b.to(tl.int64) * s_qb, AL)", "qkv_b = QKV + tl.multiple_of(b * s_qb, AL)",
+           "triton window forward: batch offset b * stride in int32", ("tests/test_large_offsets.py",)),
+    Mutant("cpu_token_offset_i32", "csrc/cpu/grl_cpu_stripe_impl.h",
+           "load_row(base + T.pos[jj] * A.vq.sl, A.vq.sc, d, tmp);",
+           "load_row(base + static_cast<int>(T.pos[jj] * A.vq.sl), A.vq.sc, d, tmp);",
+           "cpu stripe kernels: token offset pos * stride truncated to int", ("tests/test_large_offsets.py",)),
+    Mutant("cuda_out_offset_i32", "csrc/cuda/grl_window.cu",
+           "T* op = out + (t.b * L + pos) * p.C + t.h * d;",
+           "T* op = out + static_cast<int>((t.b * L + pos) * p.C) + t.h * d;",
+           "cuda window forward: output offset truncated to int", ("tests/test_large_offsets_cxx.py",)),
 ]
 
 # the fast files that target these bugs (the whole suite takes ~20 minutes per mutant)
@@ -163,7 +176,9 @@ def main(argv=None) -> int:
                    GRL_FUZZ_INTERPRETER="0", GRL_FUZZ_NO_SHRINK="1", GRL_KERNELS_REQUIRE="cpu")
         env.pop("GRL_FUZZ_EXAMPLES", None)
         env.pop("GRL_FUZZ_STATS", None)
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"] + (["-x"] if a.quick else []) + a.tests
+        extra = [t for t in (m.tests if m is not None else ()) if t not in a.tests]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider"] + (["-x"] if a.quick else []) + \
+            a.tests + extra
         t0 = time.time()
         print(f"--- {name}: {'' if m is None else m.what}", flush=True)
         try:

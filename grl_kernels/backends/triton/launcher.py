@@ -46,6 +46,29 @@ def override(**kw):
         _OVERRIDE.update(old)
 
 
+# Test hook: allocator of the activation-sized outputs (out, dqkv, danchor), fn(shape, dtype, device).
+# The kernels take those tensors' strides, so a test can hand them views with huge strides
+# (tests/test_large_offsets.py: element offsets beyond 2^31).
+_activation_alloc = None
+
+
+def _activation(shape, dtype, device) -> torch.Tensor:
+    if _activation_alloc is not None:
+        return _activation_alloc(shape, dtype, device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def activation_allocator(fn):
+    """Allocate out / dqkv / danchor with ``fn(shape, dtype, device)`` (any strides), for tests."""
+    global _activation_alloc
+    old, _activation_alloc = _activation_alloc, fn
+    try:
+        yield
+    finally:
+        _activation_alloc = old
+
+
 @contextlib.contextmanager
 def record_launches():
     """Collect launches as dicts {kernel, args, constexprs, num_warps, num_stages} instead of running."""
@@ -280,7 +303,7 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
     b1, b2 = _bias_arg(bias1), _bias_arg(bias2)
     qs = qkv.stride()
     as_ = anchor.stride()
-    out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
+    out = _activation((B, L, C), qkv.dtype, dev)
     gc = stripe_geo_constexprs(g, d, row_align(qkv, anchor, out))
 
     # stage 1: anchors over tokens, split over token blocks, then combined
@@ -323,8 +346,8 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     qs, as_, os_, gs = qkv.stride(), anchor.stride(), out.stride(), grad.stride()
     R = g.table_rows
 
-    dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
-    danchor = torch.empty(anchor.shape, dtype=anchor.dtype, device=dev)
+    dqkv = _activation((B, L, 3 * C), qkv.dtype, dev)
+    danchor = _activation(tuple(anchor.shape), anchor.dtype, dev)
     gc = stripe_geo_constexprs(g, d, row_align(qkv, anchor, out, grad, dqkv, danchor))
 
     # 1. tokens, stage 2: Delta2, dq, tau2 gradient
@@ -387,7 +410,7 @@ def window_forward(qkv, g: WindowGeometry, nh: int, scale, bias):
     dev = qkv.device
     N = g.n
     BWH = B * g.num_windows * nh
-    out = torch.empty((B, L, C), dtype=qkv.dtype, device=dev)
+    out = _activation((B, L, C), qkv.dtype, dev)
     lse = torch.empty((BWH, N), dtype=torch.float32, device=dev)
     c = choose_config("fwd", N, N, D, qkv.dtype, device_arch(dev))
     gc = window_geo_constexprs(g, d, row_align(qkv, out))
@@ -408,7 +431,7 @@ def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse
     prec = _dot_precision(qkv.dtype)
     geo = window_geo_args(g, nh, d)
     sc, bi = _scale_arg(scale), _bias_arg(bias)
-    dqkv = torch.empty((B, L, 3 * C), dtype=qkv.dtype, device=dev)
+    dqkv = _activation((B, L, 3 * C), qkv.dtype, dev)
     gc = window_geo_constexprs(g, d, row_align(qkv, out, grad, dqkv))
     delta = torch.empty((BWH, N), dtype=torch.float32, device=dev)
     c = choose_config("bwd", N, N, D, qkv.dtype, device_arch(dev))
