@@ -57,6 +57,12 @@ def main(argv=None) -> int:
 
     os.makedirs(args.out, exist_ok=True)
     name = PRESET_ALIASES.get(args.preset, args.preset)
+    if h < 1 or w < 1:
+        ap.error(f"--size must be positive, got {args.size!r}")
+    from grl_kernels.models import PRESETS
+
+    if name not in PRESETS:
+        ap.error(f"--preset: unknown preset {args.preset!r}; expected GRL-T, GRL-S, GRL-B or one of {sorted(PRESETS)}")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "in", "image.png")
         os.makedirs(os.path.dirname(src))

@@ -12,6 +12,7 @@ kernel serves the device (the CPU); that is slow on the CPU, hence the small def
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -60,7 +61,14 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--backend", default="auto")
     args = ap.parse_args(argv)
-    from grl_kernels.models import build_preset, load_checkpoint
+    from grl_kernels.models import PRESETS, build_preset, load_checkpoint
+
+    if args.preset not in PRESETS:
+        ap.error(f"--preset: unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
+    if args.size < 1:
+        ap.error(f"--size must be >= 1, got {args.size}")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        ap.error(f"--checkpoint: {args.checkpoint}: file not found")
 
     torch.manual_seed(0)
     model = build_preset(args.preset).eval()

@@ -56,6 +56,14 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", action="append", choices=("heap-cache", "glibc", "prompt"))
     ap.add_argument("--out", default=".")
     args = ap.parse_args(argv)
+    from grl_kernels.models import PRESETS
+
+    for p in args.preset or []:
+        if ALIASES.get(p, p) not in PRESETS:
+            ap.error(f"--preset: unknown preset {p!r}; expected GRL-T, GRL-S, GRL-B or one of {sorted(PRESETS)}")
+    for sz in args.size or []:
+        if sz < 8:
+            ap.error(f"--size must be >= 8, got {sz}")
     rows = []
     for p in args.preset or ["GRL-T", "GRL-S"]:
         for s in args.size or [256]:

@@ -8,7 +8,7 @@ resident set: free heap memory is returned to the OS (``malloc_trim``), the kern
 high-water mark is reset (``/proc/self/clear_refs``), and the peak ``VmHWM`` is read
 after the call; this sees every allocation (compiled code and C++ extensions
 included) at page granularity, with ~1-2 MiB of noise. Elsewhere a dispatch mode
-counts live tensor storage (blind to allocations inside compiled or C++ code).
+counts live tensor storage (``LiveStorage``; blind to allocations inside compiled or C++ code).
 """
 from __future__ import annotations
 
@@ -70,14 +70,18 @@ def time_fn(fn: Callable[[], object], device="cpu", reps: int = 10, warmup: int 
     return Timing(statistics.median(times), min(times), len(times))
 
 
-class _LiveStorage(TorchDispatchMode):
-    """Counts bytes of tensor storages created while active, and their peak."""
+class LiveStorage(TorchDispatchMode):
+    """Counts bytes of tensor storages created while active, and their peak alive at once.
 
-    def __init__(self):
+    Storages in ``ignore`` (e.g. a model's parameters, whose views ops also return) are not counted.
+    """
+
+    def __init__(self, ignore=()):
         super().__init__()
         self.live = 0
         self.peak = 0
         self._seen = {}
+        self._skip = {t.untyped_storage()._cdata for t in ignore}
 
     def _free(self, key, nbytes):
         self.live -= nbytes
@@ -92,7 +96,7 @@ class _LiveStorage(TorchDispatchMode):
                 except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
                     continue
                 key = st._cdata
-                if key in self._seen:
+                if key in self._seen or key in self._skip:
                     continue
                 n = st.nbytes()
                 self.live += n
@@ -150,7 +154,7 @@ def peak_memory(fn: Callable[[], object], device="cpu") -> int:
         return int(peak)
     if rss_peak_supported():
         return _rss_peak(fn)
-    tracker = _LiveStorage()
+    tracker = LiveStorage()
     with tracker:
         out = fn()
     del out

@@ -238,42 +238,9 @@ def live_tensor_peak(fn, ignore=()) -> int:
     (e.g. ``model.parameters()``, whose views ops also return). Blind to memory a C++ op
     allocates and frees inside itself (the fused kernels allocate none of size).
     """
-    import weakref
+    from ..bench.timing import LiveStorage
 
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-
-    skip = {t.untyped_storage()._cdata for t in ignore}
-
-    class _Live(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.live = self.peak = 0
-            self.seen = {}
-
-        def _free(self, key, n):
-            self.live -= n
-            self.seen.pop(key, None)
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in tree_flatten(out)[0]:
-                if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                    continue
-                try:
-                    st = t.untyped_storage()
-                except (RuntimeError, NotImplementedError):
-                    continue
-                key = st._cdata
-                if key in self.seen or key in skip:
-                    continue
-                n = st.nbytes()
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                self.seen[key] = weakref.finalize(st, self._free, key, n)
-            return out
-
-    mode = _Live()
+    mode = LiveStorage(ignore)
     with mode:
         out = fn()
     del out
