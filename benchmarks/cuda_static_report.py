@@ -49,6 +49,9 @@ def short_name(mangled: str) -> Dict:
         if m:
             info["dtype"] = _DTYPES[m.group(1)]
             info["maxd"] = int(m.group(2)) if m.group(2) else None
+    if "bias_partial" in info.get("kernel", "") and info.get("maxd"):  # <T, STAGE>, not <T, MAXD>
+        info["kernel"] += f" (stage {info['maxd']})"
+        info["maxd"] = None
     return info
 
 

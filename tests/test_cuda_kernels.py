@@ -127,6 +127,30 @@ def test_window_matches_reference(name, dtype, dev):
         assert max_scaled_error(a, e) <= PARAM_TOL[dtype]
 
 
+@pytest.mark.parametrize("dev", DEVICES)
+def test_backward_is_deterministic(dev):
+    """No atomics: every gradient, the bias tables and logit scales included, has the same bits
+    on every run (the GPU schedules blocks differently each time; the emulation runs its blocks
+    on OpenMP threads)."""
+    geom, nh, big, C, anchor, params, go = _stripe_inputs(STRIPE_CASES["H-groups-shifted"], torch.float32, dev=dev)
+    runs = [_grads(_kernels(dev).stripe, geom, nh, big, C, anchor, params, go, torch.float32)[1] for _ in range(3)]
+    for other in runs[1:]:
+        for n, a, b in zip(["qkv", "anchor", "scale1", "bias1", "scale2", "bias2"], runs[0], other):
+            assert torch.equal(a, b), n
+    wgeom = window_geometry((16, 24), 8, True)
+    base = torch.randn(2, 16 * 24, 3 * 2 * 8, device=dev)
+    s, b = torch.rand(2, device=dev) * 9 + 1, torch.rand(wgeom.table_rows, 2, device=dev) * 16
+    wgo = torch.randn(2, 16 * 24, 16, device=dev)
+
+    def wgrads():
+        x, sc, bi = base.clone().requires_grad_(True), s.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        return torch.autograd.grad(_kernels(dev).window(x, wgeom, 2, sc, bi), [x, sc, bi], wgo)
+
+    first = wgrads()
+    for _ in range(2):
+        assert all(torch.equal(a, e) for a, e in zip(wgrads(), first))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sanitizer_small():

@@ -31,11 +31,22 @@ def test_build_folder_depends_on_sources_and_flags(tmp_path, monkeypatch):
     assert a != extension.build_dir_for("cpu", root, {"extra_cflags": ["-O2"]})  # other flags
     assert a.parent.name.startswith(f"torch{torch.__version__.replace('+', '_')}-py")  # per torch
     copy = tmp_path / "src"
-    (copy / "csrc").mkdir(parents=True)
-    (copy / "csrc" / "a.cpp").write_text("int x;")
+    for sub in ("cpu", "cuda", "include"):
+        (copy / "csrc" / sub).mkdir(parents=True)
+    (copy / "csrc" / "cpu" / "a.cpp").write_text("int x;")
     b = extension.build_dir_for("cpu", copy, {"extra_cflags": ["-O3"]})
-    (copy / "csrc" / "a.cpp").write_text("int y;")
+    (copy / "csrc" / "cpu" / "a.cpp").write_text("int y;")
     assert b != extension.build_dir_for("cpu", copy, {"extra_cflags": ["-O3"]})  # changed sources
+    # per kind: a CUDA source edit keeps the CPU build, and changes the CUDA ones; headers count for all
+    b = extension.build_dir_for("cpu", copy, {"extra_cflags": ["-O3"]})
+    c = extension.build_dir_for("cuda", copy, {"extra_cflags": ["-O3"]})
+    e = extension.build_dir_for("cuda_emu", copy, {"extra_cflags": ["-O3"]})
+    (copy / "csrc" / "cuda" / "k.cu").write_text("__global__ void k() {}")
+    assert b == extension.build_dir_for("cpu", copy, {"extra_cflags": ["-O3"]})
+    assert c != extension.build_dir_for("cuda", copy, {"extra_cflags": ["-O3"]})
+    assert e != extension.build_dir_for("cuda_emu", copy, {"extra_cflags": ["-O3"]})
+    (copy / "csrc" / "include" / "g.h").write_text("#pragma once")
+    assert b != extension.build_dir_for("cpu", copy, {"extra_cflags": ["-O3"]})
 
 
 def test_wheel_flags_are_portable_and_jit_flags_native(monkeypatch):

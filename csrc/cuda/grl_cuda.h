@@ -7,7 +7,8 @@
 // the binding checks it and the Python side copies the rare other layouts; outputs and gradients of qkv/anchor are
 // contiguous in the input dtype; everything else (tau (nh), bias tables TRANSPOSED to
 // (nh, R), saved state, workspaces, parameter gradients) is contiguous float32.
-// Every float32 gradient buffer must be zero-initialized by the caller.
+// Gradient buffers are fully written (no zero-initialization needed); the bias-table and
+// logit-scale gradients are reduced in a fixed order without atomics (deterministic).
 #pragma once
 
 #if defined(GRL_CUDA_EMU)  // host build of the kernels (csrc/emu, docs/cuda.md)
@@ -38,11 +39,15 @@ struct StripeProblem {
   const float* bias2;  // (nh, R)
 };
 
-// Forward state kept for the backward (all float32, contiguous).
+// Forward state kept for the backward (all float32, contiguous). Row statistics are the pair
+// (m, 1/l) of a softmax row: its max logit and the inverse of l = sum_j exp(s_j - m). The
+// backward recomputes P = exp(s - m) * (1/l) from the same s, so s - m is exact; one saved
+// log-sum-exp (~100 at tau 100) would scale a whole row by a common rounding error ~1e-5,
+// which does not cancel in the gradients that are sums of P (dP - D).
 struct StripeSaved {
-  float* z;     // (B, windows, nh, N2, d)   stage-1 output Z
-  float* lse1;  // (B, windows, nh, N2)      stage-1 row log-sum-exp
-  float* lse2;  // (B, windows, nh, N1)      stage-2 row log-sum-exp
+  float* z;      // (B, windows, nh, N2, d)   stage-1 output Z
+  float* stat1;  // (B, windows, nh, N2, 2)   stage-1 row (m, 1/l)
+  float* stat2;  // (B, windows, nh, N1, 2)   stage-2 row (m, 1/l)
   float* qn;    // (B, H*W, nh)              ||q||
   float* kn;    // (B, H*W, nh)              ||k||
   float* an;    // (B, Ha*Wa, nh)            ||anchor||
@@ -52,14 +57,15 @@ struct StripeGrads {
   const void* gout;  // (B, H*W, C) contiguous, input dtype
   void* gqkv;        // (B, H*W, 3C) contiguous, input dtype (fully written)
   void* ganc;        // (B, Ha, Wa, C) contiguous, input dtype (fully written)
-  float* dtau1;      // (nh) zeroed
-  float* dbias1;     // (nh, R) zeroed
+  float* dtau1;      // (nh) (fully written)
+  float* dbias1;     // (nh, R) (fully written)
   float* dtau2;
   float* dbias2;
   float* dz;  // workspace (B, windows, nh, N2, d)
   float* da;  // workspace (B, windows, nh, N2, d)
   float* d1;  // workspace (B, windows, nh, N2)
   float* d2;  // workspace (B, windows, nh, N1)
+  float* bias_ws;  // workspace of stripe_bias_workspace(p) floats (bias / tau gradient partials)
 };
 
 struct WindowProblem {
@@ -73,7 +79,7 @@ struct WindowProblem {
 };
 
 struct WindowSaved {
-  float* lse;  // (B, windows, nh, N)
+  float* stat; // (B, windows, nh, N, 2)  row (m, 1/l), as StripeSaved
   float* qn;   // (B, H*W, nh)
   float* kn;   // (B, H*W, nh)
 };
@@ -81,13 +87,18 @@ struct WindowSaved {
 struct WindowGrads {
   const void* gout;  // (B, H*W, C) contiguous
   void* gqkv;        // (B, H*W, 3C) contiguous (fully written)
-  float* dtau;       // (nh) zeroed
-  float* dbias;      // (nh, R) zeroed
-  float* drow;       // workspace (B, windows, nh, N): D_i = dY_i . Y_i
+  float* dtau;       // (nh) (fully written)
+  float* dbias;      // (nh, R) (fully written)
+  float* drow;       // workspace (B, windows, nh, N): D_i = sum_j P_ij dP_ij
+  float* bias_ws;    // workspace of window_bias_workspace(p) floats
 };
 
 // Largest head dim the kernels take (register tiles of 32 or 64 floats).
 constexpr int64_t kMaxHeadDim = 64;
+
+// Floats of the workspace StripeGrads::bias_ws / WindowGrads::bias_ws must hold.
+int64_t stripe_bias_workspace(const StripeProblem& p);
+int64_t window_bias_workspace(const WindowProblem& p);
 
 cudaError_t stripe_forward(const StripeProblem& p, void* out, const StripeSaved& s, cudaStream_t stream);
 cudaError_t stripe_backward(const StripeProblem& p, const StripeSaved& s, const StripeGrads& gr, cudaStream_t stream);

@@ -107,20 +107,20 @@ std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& 
   auto f32 = qkv.options().dtype(at::kFloat);
   auto out = at::empty({p.B, g.H * g.W, p.C}, qkv.options());
   auto z = at::empty({p.B, g.num_windows, nh, g.n2, p.d}, f32);
-  auto lse1 = at::empty({p.B, g.num_windows, nh, g.n2}, f32);
-  auto lse2 = at::empty({p.B, g.num_windows, nh, g.n1}, f32);
+  auto stat1 = at::empty({p.B, g.num_windows, nh, g.n2, 2}, f32);  // rows' (m, 1/l)
+  auto stat2 = at::empty({p.B, g.num_windows, nh, g.n1, 2}, f32);
   auto qn = at::empty({p.B, g.H * g.W, nh}, f32), kn = at::empty({p.B, g.H * g.W, nh}, f32);
   auto an = at::empty({p.B, g.Ha * g.Wa, nh}, f32);
-  grl::cuda::StripeSaved s{z.data_ptr<float>(), lse1.data_ptr<float>(), lse2.data_ptr<float>(),
+  grl::cuda::StripeSaved s{z.data_ptr<float>(), stat1.data_ptr<float>(), stat2.data_ptr<float>(),
                            qn.data_ptr<float>(), kn.data_ptr<float>(), an.data_ptr<float>()};
   check_ok(grl::cuda::stripe_forward(p, out.data_ptr(), s, as_stream(stream)), "stripe forward");
-  return {out, z, lse1, lse2, qn, kn, an};
+  return {out, z, stat1, stat2, qn, kn, an};
 }
 
 std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& anchor,
                                         const at::Tensor& tau1, const at::Tensor& bias1, const at::Tensor& tau2,
-                                        const at::Tensor& bias2, const at::Tensor& z, const at::Tensor& lse1,
-                                        const at::Tensor& lse2, const at::Tensor& qn, const at::Tensor& kn,
+                                        const at::Tensor& bias2, const at::Tensor& z, const at::Tensor& stat1,
+                                        const at::Tensor& stat2, const at::Tensor& qn, const at::Tensor& kn,
                                         const at::Tensor& an, const std::vector<int64_t>& geom, int64_t nh, int64_t stream) {
   const StripeProblem p = stripe_problem(qkv, anchor, tau1, bias1, tau2, bias2, geom, nh);
   const auto& g = p.g;
@@ -129,8 +129,8 @@ std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Te
                   grad_out.device() == qkv.device() && grad_out.numel() == p.B * g.H * g.W * p.C,
               "grl cuda kernels: grad_out must be a contiguous (B, H*W, C) tensor like the output");
   check_f32(z, tasks * g.n2 * p.d, "saved Z", qkv);
-  check_f32(lse1, tasks * g.n2, "saved lse1", qkv);
-  check_f32(lse2, tasks * g.n1, "saved lse2", qkv);
+  check_f32(stat1, tasks * g.n2 * 2, "saved stage-1 row statistics", qkv);
+  check_f32(stat2, tasks * g.n1 * 2, "saved stage-2 row statistics", qkv);
   check_f32(qn, p.B * g.H * g.W * nh, "saved q norms", qkv);
   check_f32(kn, p.B * g.H * g.W * nh, "saved k norms", qkv);
   check_f32(an, p.B * g.Ha * g.Wa * nh, "saved anchor norms", qkv);
@@ -141,12 +141,13 @@ std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Te
   auto dbias1 = at::zeros({nh, g.table_rows}, f32), dbias2 = at::zeros({nh, g.table_rows}, f32);
   auto dz = at::empty({tasks, g.n2, p.d}, f32), da = at::empty({tasks, g.n2, p.d}, f32);
   auto d1 = at::empty({tasks, g.n2}, f32), d2 = at::empty({tasks, g.n1}, f32);
-  grl::cuda::StripeSaved s{z.data_ptr<float>(), lse1.data_ptr<float>(), lse2.data_ptr<float>(),
+  auto ws = at::empty({grl::cuda::stripe_bias_workspace(p)}, f32);
+  grl::cuda::StripeSaved s{z.data_ptr<float>(), stat1.data_ptr<float>(), stat2.data_ptr<float>(),
                            qn.data_ptr<float>(), kn.data_ptr<float>(), an.data_ptr<float>()};
   grl::cuda::StripeGrads gr{grad_out.data_ptr(), gqkv.data_ptr(), ganc.data_ptr(),
                             dtau1.data_ptr<float>(), dbias1.data_ptr<float>(), dtau2.data_ptr<float>(),
                             dbias2.data_ptr<float>(), dz.data_ptr<float>(), da.data_ptr<float>(),
-                            d1.data_ptr<float>(), d2.data_ptr<float>()};
+                            d1.data_ptr<float>(), d2.data_ptr<float>(), ws.data_ptr<float>()};
   check_ok(grl::cuda::stripe_backward(p, s, gr, as_stream(stream)), "stripe backward");
   return {gqkv, ganc, dtau1, dbias1, dtau2, dbias2};
 }
@@ -175,15 +176,15 @@ std::vector<at::Tensor> window_forward(const at::Tensor& qkv, const at::Tensor& 
   const auto& g = p.g;
   auto f32 = qkv.options().dtype(at::kFloat);
   auto out = at::empty({p.B, g.H * g.W, p.C}, qkv.options());
-  auto lse = at::empty({p.B, g.num_windows, nh, g.n}, f32);
+  auto stat = at::empty({p.B, g.num_windows, nh, g.n, 2}, f32);  // rows' (m, 1/l)
   auto qn = at::empty({p.B, g.H * g.W, nh}, f32), kn = at::empty({p.B, g.H * g.W, nh}, f32);
-  grl::cuda::WindowSaved s{lse.data_ptr<float>(), qn.data_ptr<float>(), kn.data_ptr<float>()};
+  grl::cuda::WindowSaved s{stat.data_ptr<float>(), qn.data_ptr<float>(), kn.data_ptr<float>()};
   check_ok(grl::cuda::window_forward(p, out.data_ptr(), s, as_stream(stream)), "window forward");
-  return {out, lse, qn, kn};
+  return {out, stat, qn, kn};
 }
 
 std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& tau,
-                                        const at::Tensor& bias, const at::Tensor& lse, const at::Tensor& qn,
+                                        const at::Tensor& bias, const at::Tensor& stat, const at::Tensor& qn,
                                         const at::Tensor& kn, const std::vector<int64_t>& geom, int64_t nh, int64_t stream) {
   const WindowProblem p = window_problem(qkv, tau, bias, geom, nh);
   const auto& g = p.g;
@@ -191,7 +192,7 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Te
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == qkv.scalar_type() &&
                   grad_out.device() == qkv.device() && grad_out.numel() == p.B * g.H * g.W * p.C,
               "grl cuda kernels: grad_out must be a contiguous (B, H*W, C) tensor like the output");
-  check_f32(lse, rows, "saved lse", qkv);
+  check_f32(stat, rows * 2, "saved row statistics", qkv);
   check_f32(qn, p.B * g.H * g.W * nh, "saved q norms", qkv);
   check_f32(kn, p.B * g.H * g.W * nh, "saved k norms", qkv);
   auto f32 = qkv.options().dtype(at::kFloat);
@@ -199,9 +200,10 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Te
   auto dtau = at::zeros({nh}, f32);
   auto dbias = at::zeros({nh, g.table_rows}, f32);
   auto drow = at::empty({rows}, f32);
-  grl::cuda::WindowSaved s{lse.data_ptr<float>(), qn.data_ptr<float>(), kn.data_ptr<float>()};
+  auto ws = at::empty({grl::cuda::window_bias_workspace(p)}, f32);
+  grl::cuda::WindowSaved s{stat.data_ptr<float>(), qn.data_ptr<float>(), kn.data_ptr<float>()};
   grl::cuda::WindowGrads gr{grad_out.data_ptr(), gqkv.data_ptr(), dtau.data_ptr<float>(), dbias.data_ptr<float>(),
-                            drow.data_ptr<float>()};
+                            drow.data_ptr<float>(), ws.data_ptr<float>()};
   check_ok(grl::cuda::window_backward(p, s, gr, as_stream(stream)), "window backward");
   return {gqkv, dtau, dbias};
 }

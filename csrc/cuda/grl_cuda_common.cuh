@@ -76,6 +76,21 @@ __device__ __forceinline__ float dot_row(const float (&a)[MAXD], const float (&b
   return s;
 }
 
+// Backward kernels hold three d-wide rows per thread; at MAXD 64 that is 192 registers and
+// ptxas spills. There one unscaled row (dY, or the own key row) is re-read from memory at each
+// use instead (an L1 hit: the same address on every iteration; the same bits as the tile).
+template <int MAXD>
+constexpr bool kStreamRow = MAXD > 32;
+
+template <int MAXD, typename T>
+__device__ __forceinline__ float row_elem(const float (&tile)[MAXD], const T* p, int c) {
+  if constexpr (kStreamRow<MAXD>) {
+    return ldf(p + c);
+  } else {
+    return tile[c];
+  }
+}
+
 // dL/dx of x_hat = x / max(||x||, eps) given g = dL/dx_hat (in place).
 template <int MAXD>
 __device__ __forceinline__ void normalize_backward(float (&g)[MAXD], const float (&xhat)[MAXD], float n) {
@@ -105,6 +120,104 @@ __global__ void row_norms_kernel(const T* x, int64_t B, int64_t P, int64_t pw, i
     }
     out[idx] = sqrtf(ss);
   }
+}
+
+// ---- softmax row statistics ------------------------------------------------------------
+// A row's (m, 1/l) at st[0], st[1] (grl_cuda.h, StripeSaved): saved by the forward, and
+// P = exp(s - m) / l recomputed by the backward from the same logit s.
+__device__ __forceinline__ void store_row_stat(float* st, float m, float l) {
+  st[0] = m;
+  st[1] = 1.0f / l;
+}
+__device__ __forceinline__ float row_prob(float s, float m, float inv_l) { return expf(s - m) * inv_l; }
+
+// ---- bias-table and logit-scale gradients without atomics ---------------------------------
+// dB[h, r] = sum over windows w and in-window pairs (row i, column j) with rel(i, j) = r of
+// dS[w, h, i, j], and dtau[h] = sum of dS * cos over everything. The relative index depends
+// only on the in-window positions, never on the window, so:
+//   1. a partial kernel (per attention kind) has one thread per (window group, h, i, j); it
+//      loops over the windows of its group recomputing dS and cos and writes
+//      PB[grp, h, i, j] = sum_w dS and PT[grp, h, i, j] = sum_w dS * cos;
+//   2. bias_grad_reduce: one thread per (h, r) sums PB (and PT) over the groups and the pairs
+//      of table row r: rows on an rh x rw rectangle, columns on ch x cw,
+//      r = (u - y + oy) * Rw + (v - x + ox) for row (u, v) and column (y, x);
+//   3. tau_grad_reduce: one thread per head sums the R per-row PT sums.
+// Steps 2 and 3 accumulate in double (small kernels; the sums cancel). Every sum runs in a fixed order: the same bits on every run, for any launch configuration.
+struct BiasBins {
+  int64_t rh, rw, ch, cw, oy, ox, Rh, Rw;
+  int64_t pairs() const { return rh * rw * ch * cw; }
+};
+
+constexpr int64_t kBiasThreads = int64_t(1) << 18;   // aimed-at threads of a partial kernel
+constexpr int64_t kBiasMaxFloats = int64_t(1) << 26;  // partials cap: 64M floats (256 MB)
+
+// Window groups of the partial kernel: enough (group, h, i, j) threads to fill a GPU, partials
+// within kBiasMaxFloats (never fewer than one group), and at most one group per window.
+struct BiasGroups {
+  int64_t groups, per;  // groups of `per` consecutive windows (the last may be short)
+};
+inline BiasGroups bias_groups(int64_t n_win, int64_t nh, int64_t pairs) {
+  const int64_t cells = nh * pairs;
+  int64_t want = (kBiasThreads + cells - 1) / cells;
+  const int64_t cap = kBiasMaxFloats / (2 * cells);
+  if (want > cap) want = cap;
+  if (want > n_win) want = n_win;
+  if (want < 1) want = 1;
+  const int64_t per = (n_win + want - 1) / want;
+  return BiasGroups{(n_win + per - 1) / per, per};
+}
+
+// Workspace floats: PB and PT (groups, nh, pairs) each, then TT (nh, R) in double (at an even
+// float offset; the workspace itself is at least 8-byte aligned).
+inline int64_t bias_tt_offset(int64_t part) { return 2 * part; }
+inline int64_t bias_workspace_floats(int64_t n_win, int64_t nh, const BiasBins& b) {
+  const BiasGroups gp = bias_groups(n_win, nh, b.pairs());
+  return bias_tt_offset(gp.groups * nh * b.pairs()) + 2 * nh * b.Rh * b.Rw;
+}
+
+namespace {  // kernels defined in this header: one copy per translation unit
+
+__global__ void bias_grad_reduce(const float* pb, const float* pt, int64_t groups, int64_t nh, BiasBins b,
+                                 float* dbias, double* tt) {
+  const int64_t R = b.Rh * b.Rw, Nr = b.rh * b.rw, Nc = b.ch * b.cw, gstride = nh * Nr * Nc;
+  for (int64_t idx = global_index(); idx < nh * R; idx += global_stride()) {
+    const int64_t h = idx / R, r = idx - h * R, ry = r / b.Rw, rx = r - ry * b.Rw;
+    const int64_t dy = ry - b.oy, dx = rx - b.ox;  // row - column offsets of the pairs of r
+    const int64_t u0 = dy > 0 ? dy : 0, u1 = (b.ch + dy < b.rh) ? b.ch + dy : b.rh;
+    const int64_t v0 = dx > 0 ? dx : 0, v1 = (b.cw + dx < b.rw) ? b.cw + dx : b.rw;
+    double sb = 0.0, st = 0.0;  // thousands of cancelling terms (rows of dS sum to 0): in double
+    for (int64_t grp = 0; grp < groups; ++grp) {
+      const int64_t base = grp * gstride + h * Nr * Nc;
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t v = v0; v < v1; ++v) {
+          const int64_t off = base + (u * b.rw + v) * Nc + (u - dy) * b.cw + (v - dx);
+          sb += pb[off];
+          st += pt[off];
+        }
+    }
+    dbias[idx] = static_cast<float>(sb);
+    tt[idx] = st;
+  }
+}
+
+__global__ void tau_grad_reduce(const double* tt, int64_t nh, int64_t R, float* dtau) {
+  for (int64_t h = global_index(); h < nh; h += global_stride()) {
+    double s = 0.0;
+    for (int64_t r = 0; r < R; ++r) s += tt[h * R + r];
+    dtau[h] = static_cast<float>(s);
+  }
+}
+
+}  // namespace
+
+// Steps 2 and 3 on the workspace ws laid out as bias_workspace_floats describes.
+inline void reduce_bias_grads(float* ws, int64_t n_win, int64_t nh, const BiasBins& b, float* dbias, float* dtau,
+                              cudaStream_t st) {
+  const BiasGroups gp = bias_groups(n_win, nh, b.pairs());
+  const int64_t part = gp.groups * nh * b.pairs(), R = b.Rh * b.Rw;
+  double* tt = reinterpret_cast<double*>(ws + bias_tt_offset(part));
+  GRL_LAUNCH(grid_for(nh * R), kThreads, 0, st, bias_grad_reduce)(ws, ws + part, gp.groups, nh, b, dbias, tt);
+  GRL_LAUNCH(1, kThreads, 0, st, tau_grad_reduce)(tt, nh, R, dtau);
 }
 
 // Calls fn(T{}, MaxD<MAXD>{}) with the element type of `dtype` and the register row width

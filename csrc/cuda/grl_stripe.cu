@@ -4,11 +4,12 @@
 //   stage 1 (anchor i over tokens j): S1 = tau1 a_hat_i . k_hat_j + B1[a2w(i,j)] + M1,  Z = softmax_j(S1) v
 //   stage 2 (token j over anchors i): S2 = tau2 q_hat_j . a_hat_i + B2[w2a(j,i)] + M2,  Y = softmax_i(S2) Z
 // Forward: stage1 kernel (thread per anchor row, online softmax over the N1 tokens) writes Z
-// and lse1; stage2 kernel (thread per token row) writes Y and lse2. Backward (FlashAttention-2
-// style, probabilities recomputed from the saved lse, D = rowsum(P * dP)):
-//   s2_tok: dq, D2, dtau2, dbias2        s2_anc: dZ, D1 = dZ . Z, stage-2 part of d a_hat
-//   s1_tok: dk, dv, dtau1, dbias1         s1_anc: stage-1 part of d a_hat, then d anchor
-// Thread rows own their outputs (no atomics) except the per-head dtau / dbias reductions.
+// and the rows' (m, 1/l); stage2 kernel (thread per token row) writes Y and its rows' (m, 1/l).
+// Backward (FlashAttention-2 style, P = exp(s - m) / l recomputed, D = rowsum(P * dP)):
+//   s2_tok: dq, D2                        s2_anc: dZ, stage-2 part of d a_hat
+//   s1_anc: D1, stage-1 part of d a_hat, then d anchor          s1_tok: dk, dv
+//   s2_bias / s1_bias + the fixed-order reductions of grl_cuda_common.cuh: dbias2, dtau2, dbias1, dtau1.
+// No atomics: thread rows own their outputs, the parameter gradients are fixed-order sums.
 // Inputs are read in place through 64-bit element strides; rows live in register tiles of
 // MAXD floats. Index math (partition, shift, relative index, region ids) is grl_geometry.h;
 // the loops over a window's tokens / anchors walk them with stripe_walk_tokens / _anchors
@@ -104,7 +105,7 @@ __global__ void stage1_forward(StripeProblem p, StripeSaved s) {
 #pragma unroll
     for (int c = 0; c < MAXD; ++c)
       if (c < d) zo[c] = z[c] * inv;
-    s.lse1[idx] = m + logf(l);
+    store_row_stat(s.stat1 + 2 * idx, m, l);
   }
 }
 
@@ -149,7 +150,7 @@ __global__ void stage2_forward(StripeProblem p, StripeSaved s, T* out) {
 #pragma unroll
     for (int c = 0; c < MAXD; ++c)
       if (c < d) stf(op + c, y[c] * inv);
-    s.lse2[idx] = m + logf(l);
+    store_row_stat(s.stat2 + 2 * idx, m, l);
   }
 }
 
@@ -167,17 +168,16 @@ __global__ void stage2_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
     const float qn = w.qn[pos * p.nh];
     float q[MAXD], dy[MAXD], dq[MAXD];
     load_row<T, MAXD>(w.q + pos * p.q_sl, 1, d, inv_norm(qn), q);
-    load_row<T, MAXD>(static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d, 1, d, 1.0f, dy);
+    const T* dyp = static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d;
+    if constexpr (!kStreamRow<MAXD>) load_row<T, MAXD>(dyp, 1, d, 1.0f, dy);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dq[c] = 0.0f;
     const int tid = g.shifted ? stripe_token_region(g, t.win, j) : 0;
-    const float lse = s.lse2[idx], tau = p.tau2[t.h];
-    const int64_t rbase = t.h * g.table_rows + stripe_token_offset(g, j) + stripe_w2a_base(g);
-    const float* bias = p.bias2 + rbase;
-    float* dbias = gr.dbias2 + rbase;
+    const float m = s.stat2[2 * idx], il = s.stat2[2 * idx + 1], tau = p.tau2[t.h];
+    const float* bias = p.bias2 + t.h * g.table_rows + stripe_token_offset(g, j) + stripe_w2a_base(g);
     const float* zt = s.z + task * g.n2 * d;
-    float D = 0.0f, dt = 0.0f;
-    // pass 0: D = sum_i P dP; pass 1: dS = P (dP - D) -> dq, dtau, dbias
+    float D = 0.0f;
+    // pass 0: D = sum_i P dP; pass 1: dS = P (dP - D) -> dq
     for (int pass = 0; pass < 2; ++pass) {
       stripe_walk_anchors(g, t.win, [&](int64_t i, int64_t ar, int64_t ac, int aid, int64_t aoff) {
         const T* ap = w.a + ar * p.a_sh + ac * p.a_sw;
@@ -188,17 +188,14 @@ __global__ void stage2_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
         for (int c = 0; c < MAXD; ++c)
           if (c < d) {
             cs += q[c] * ldf(ap + c);
-            dp += dy[c] * zr[c];
+            dp += row_elem<MAXD>(dy, dyp, c) * zr[c];
           }
         cs *= ia;
-        const float pi = expf(tau * cs + bias[-aoff] + mask_of(g, aid, tid) - lse);
+        const float pi = row_prob(tau * cs + bias[-aoff] + mask_of(g, aid, tid), m, il);
         if (pass == 0) {
           D += pi * dp;
         } else {
-          const float ds = pi * (dp - D);
-          dt += ds * cs;
-          atomicAdd(dbias - aoff, ds);
-          const float wt = tau * ds * ia;
+          const float wt = tau * (pi * (dp - D)) * ia;
 #pragma unroll
           for (int c = 0; c < MAXD; ++c)
             if (c < d) dq[c] += wt * ldf(ap + c);
@@ -206,7 +203,6 @@ __global__ void stage2_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
       });
     }
     gr.d2[idx] = D;
-    atomicAdd(gr.dtau2 + t.h, dt);
     normalize_backward(dq, q, qn);
     T* gq = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + t.h * d;
 #pragma unroll
@@ -227,17 +223,19 @@ __global__ void stage2_backward_anchors(StripeProblem p, StripeSaved s, StripeGr
     const int64_t apos = stripe_anchor_position(g, t.win, i);
     int64_t ar, ac;
     anchor_rc(g, apos, ar, ac);
+    // the own row unscaled: the logit is computed as stage2_forward did (q_hat . a, then / |a|),
+    // so that s - m is exact (a_hat . q / |q| differs by rounding, ~tau * eps)
     float a[MAXD], dz[MAXD], da[MAXD];
-    load_row<T, MAXD>(w.a + ar * p.a_sh + ac * p.a_sw, 1, d, inv_norm(w.an[apos * p.nh]), a);
+    load_row<T, MAXD>(w.a + ar * p.a_sh + ac * p.a_sw, 1, d, 1.0f, a);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dz[c] = 0.0f, da[c] = 0.0f;
     const int aid = g.shifted ? stripe_anchor_region(g, t.win, i) : 0;
-    const float tau = p.tau2[t.h];
+    const float tau = p.tau2[t.h], ia = inv_norm(w.an[apos * p.nh]);
     // w2a(j, i) = toff(j) - aoff(i) + base: walks with j
     const float* bias = p.bias2 + t.h * g.table_rows - stripe_anchor_offset(g, i) + stripe_w2a_base(g);
     const float* zr = s.z + idx * d;
     const T* gbase = static_cast<const T*>(gr.gout) + t.b * L * p.C + t.h * d;
-    const float* lse2 = s.lse2 + task * g.n1;
+    const float* st2 = s.stat2 + 2 * task * g.n1;
     const float* d2 = gr.d2 + task * g.n1;
     stripe_walk_tokens(g, t.win, [&](int64_t j, int64_t pos, int tid, int64_t toff) {
       const T* qp = w.q + pos * p.q_sl;
@@ -247,11 +245,11 @@ __global__ void stage2_backward_anchors(StripeProblem p, StripeSaved s, StripeGr
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          cs += a[c] * ldf(qp + c);
+          cs += (ldf(qp + c) * iq) * a[c];
           dp += ldf(gp + c) * zr[c];
         }
-      cs *= iq;
-      const float pj = expf(tau * cs + bias[toff] + mask_of(g, aid, tid) - lse2[j]);
+      cs *= ia;
+      const float pj = row_prob(tau * cs + bias[toff] + mask_of(g, aid, tid), st2[2 * j], st2[2 * j + 1]);
       const float wt = tau * pj * (dp - d2[j]) * iq;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
@@ -260,15 +258,12 @@ __global__ void stage2_backward_anchors(StripeProblem p, StripeSaved s, StripeGr
           da[c] += wt * ldf(qp + c);
         }
     });
-    float D1 = 0.0f;
 #pragma unroll
     for (int c = 0; c < MAXD; ++c)
       if (c < d) {
         gr.dz[idx * d + c] = dz[c];
         gr.da[idx * d + c] = da[c];
-        D1 += dz[c] * zr[c];
       }
-    gr.d1[idx] = D1;
   }
 }
 
@@ -283,21 +278,20 @@ __global__ void stage1_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
     const SView<T> w = sview<T>(p, s, t.b, t.h);
     const int64_t pos = stripe_token_position(g, t.win, j);
     const float kn = w.kn[pos * p.nh];
+    // the own row unscaled: the logit is computed as stage1_forward did (a_hat . k, then / |k|)
     float k[MAXD], dk[MAXD], dv[MAXD];
-    load_row<T, MAXD>(w.q + pos * p.q_sl + w.kv, 1, d, inv_norm(kn), k);
+    const T* kown = w.q + pos * p.q_sl + w.kv;
+    if constexpr (!kStreamRow<MAXD>) load_row<T, MAXD>(kown, 1, d, 1.0f, k);
     const T* vp = w.q + pos * p.q_sl + 2 * w.kv;
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dk[c] = 0.0f, dv[c] = 0.0f;
     const int tid = g.shifted ? stripe_token_region(g, t.win, j) : 0;
-    const float tau = p.tau1[t.h];
+    const float tau = p.tau1[t.h], ik = inv_norm(kn);
     // a2w(i, j) = aoff(i) - toff(j) + base: walks with i
-    const int64_t rbase = t.h * g.table_rows - stripe_token_offset(g, j) + stripe_a2w_base(g);
-    const float* bias = p.bias1 + rbase;
-    float* dbias = gr.dbias1 + rbase;
-    const float* lse1 = s.lse1 + task * g.n2;
+    const float* bias = p.bias1 + t.h * g.table_rows - stripe_token_offset(g, j) + stripe_a2w_base(g);
+    const float* st1 = s.stat1 + 2 * task * g.n2;
     const float* d1 = gr.d1 + task * g.n2;
     const float* dzt = gr.dz + task * g.n2 * d;
-    float dt = 0.0f;
     stripe_walk_anchors(g, t.win, [&](int64_t i, int64_t ar, int64_t ac, int aid, int64_t aoff) {
       const T* ap = w.a + ar * p.a_sh + ac * p.a_sw;
       const float ia = inv_norm(w.an[(ar * g.Wa + ac) * p.nh]);
@@ -306,15 +300,12 @@ __global__ void stage1_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          cs += k[c] * ldf(ap + c);
+          cs += (ldf(ap + c) * ia) * row_elem<MAXD>(k, kown, c);
           dp += dzr[c] * ldf(vp + c);
         }
-      cs *= ia;
-      const float pi = expf(tau * cs + bias[aoff] + mask_of(g, aid, tid) - lse1[i]);
-      const float ds = pi * (dp - d1[i]);
-      dt += ds * cs;
-      atomicAdd(dbias + aoff, ds);
-      const float wt = tau * ds * ia;
+      cs *= ik;
+      const float pi = row_prob(tau * cs + bias[aoff] + mask_of(g, aid, tid), st1[2 * i], st1[2 * i + 1]);
+      const float wt = tau * (pi * (dp - d1[i])) * ia;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
@@ -322,7 +313,7 @@ __global__ void stage1_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
           dk[c] += wt * ldf(ap + c);
         }
     });
-    atomicAdd(gr.dtau1 + t.h, dt);
+    load_row<T, MAXD>(kown, 1, d, ik, k);  // k_hat
     normalize_backward(dk, k, kn);
     T* gk = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + p.C + t.h * d;
 #pragma unroll
@@ -352,9 +343,13 @@ __global__ void stage1_backward_anchors(StripeProblem p, StripeSaved s, StripeGr
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) da[c] = (c < d) ? gr.da[idx * d + c] : 0.0f;
     const int aid = g.shifted ? stripe_anchor_region(g, t.win, i) : 0;
-    const float tau = p.tau1[t.h], lse = s.lse1[idx], D1 = gr.d1[idx];
+    const float tau = p.tau1[t.h], m = s.stat1[2 * idx], il = s.stat1[2 * idx + 1];
     const float* bias = p.bias1 + t.h * g.table_rows + stripe_anchor_offset(g, i) + stripe_a2w_base(g);
     const float* dzr = gr.dz + idx * d;
+    float D1 = 0.0f;
+    // pass 0: D1 = sum_j P dP (as the reference's softmax backward; dZ . Z would carry Z's
+    // rounding into every dS of the row); pass 1: the stage-1 part of d a_hat
+    for (int pass = 0; pass < 2; ++pass)
     stripe_walk_tokens(g, t.win, [&](int64_t, int64_t pos, int tid, int64_t toff) {
       const T* kp = w.q + pos * p.q_sl + w.kv;
       const T* vp = kp + w.kv;
@@ -367,18 +362,106 @@ __global__ void stage1_backward_anchors(StripeProblem p, StripeSaved s, StripeGr
           dp += dzr[c] * ldf(vp + c);
         }
       cs *= ik;
-      const float pj = expf(tau * cs + bias[-toff] + mask_of(g, aid, tid) - lse);
-      const float wt = tau * pj * (dp - D1) * ik;
+      const float pj = row_prob(tau * cs + bias[-toff] + mask_of(g, aid, tid), m, il);
+      if (pass == 0) {
+        D1 += pj * dp;
+        return;
+      }
+      const float wt = tau * (pj * (dp - D1)) * ik;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) da[c] += wt * ldf(kp + c);
     });
+    gr.d1[idx] = D1;
     normalize_backward(da, a, an);
     T* ga = static_cast<T*>(gr.ganc) + (t.b * g.Ha * g.Wa + apos) * p.C + t.h * d;
 #pragma unroll
     for (int c = 0; c < MAXD; ++c)
       if (c < d) stf(ga + c, da[c]);
   }
+}
+
+// ---- bias / logit-scale gradients (grl_cuda_common.cuh, step 1) ---------------------------
+// Thread (grp, h, row, col) of one stage over the windows of group grp (consecutive windows
+// of all batches; the window position advances with counters): the logit recomputed exactly
+// as the forward did, P = exp(s - m) / l, dS = P (dP - D), and sum_w dS, sum_w dS * cos
+// written to pb / pt at ((grp * nh + h) * rows + row) * cols + col.
+//   stage 2: row = token j (sh x sw), col = anchor i, dP = dY_j . Z_i, D = D2_j;
+//   stage 1: row = anchor i (ah x aw), col = token j, dP = dZ_i . v_j, D = D1_i.
+__device__ __forceinline__ int64_t wrap(int64_t x, int64_t n) { return x >= n ? x - n : x; }
+
+template <typename T, int STAGE>
+__global__ void stripe_bias_partial(StripeProblem p, StripeSaved s, StripeGrads gr, BiasGroups gp, float* pb,
+                                    float* pt) {
+  const StripeGeom g = p.g;
+  const int64_t L = g.H * g.W, A = g.Ha * g.Wa, n_win = p.B * g.num_windows;
+  const int64_t rows = STAGE == 2 ? g.n1 : g.n2, cols = STAGE == 2 ? g.n2 : g.n1;
+  const int64_t total = gp.groups * p.nh * rows * cols;
+  const int d = static_cast<int>(p.d);
+  for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
+    const int64_t col = idx % cols, row = (idx / cols) % rows, h = (idx / (rows * cols)) % p.nh;
+    const int64_t grp = idx / (p.nh * rows * cols);
+    const int64_t j = STAGE == 2 ? row : col, i = STAGE == 2 ? col : row;  // token j, anchor i
+    const int64_t y = j / g.sw, x = j - y * g.sw, u = i / g.aw, v = i - u * g.aw;
+    const float tau = STAGE == 2 ? p.tau2[h] : p.tau1[h];
+    const float bias = STAGE == 2 ? p.bias2[h * g.table_rows + stripe_w2a_index(g, j, i)]
+                                  : p.bias1[h * g.table_rows + stripe_a2w_index(g, i, j)];
+    const T* qkv = static_cast<const T*>(p.qkv) + h * p.d * p.q_sc;
+    const T* anc = static_cast<const T*>(p.anchor) + h * p.d * p.a_sc;
+    const int64_t w0 = grp * gp.per, w1 = (w0 + gp.per < n_win) ? w0 + gp.per : n_win;
+    int64_t b = w0 / g.num_windows, wy = (w0 % g.num_windows) / g.windows_w, wx = (w0 % g.num_windows) % g.windows_w;
+    float sb = 0.0f, st = 0.0f;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t tr = wy * g.sh + y, tc = wx * g.sw + x, ur = wy * g.ah + u, uc = wx * g.aw + v;
+      const int64_t pos = stripe_token_position_rc(g, tr, tc);
+      const int64_t ar = wrap(ur + g.ash, g.Ha), ac = wrap(uc + g.asw, g.Wa);
+      const float mask = (g.shifted && stripe_anchor_region_rc(g, ur, uc) != stripe_token_region_rc(g, tr, tc))
+                             ? kMaskValue : 0.0f;
+      const T* ap = anc + b * p.a_sb + ar * p.a_sh + ac * p.a_sw;
+      const float ia = inv_norm(s.an[(b * A + ar * g.Wa + ac) * p.nh + h]);
+      const int64_t task = (b * g.num_windows + wy * g.windows_w + wx) * p.nh + h;
+      float cs = 0.0f, dp = 0.0f, m, il, D;
+      if (STAGE == 2) {  // q_hat_j . a_hat_i (q scaled first, as stage2_forward), dY_j . Z_i
+        const T* qp = qkv + b * p.q_sb + pos * p.q_sl;
+        const T* dyp = static_cast<const T*>(gr.gout) + (b * L + pos) * p.C + h * p.d;
+        const float* zr = s.z + (task * g.n2 + i) * d;
+        const float iq = inv_norm(s.qn[(b * L + pos) * p.nh + h]);
+        for (int c = 0; c < d; ++c) {
+          cs += (ldf(qp + c) * iq) * ldf(ap + c);
+          dp += ldf(dyp + c) * zr[c];
+        }
+        cs *= ia;
+        const int64_t r = task * g.n1 + j;
+        m = s.stat2[2 * r], il = s.stat2[2 * r + 1], D = gr.d2[r];
+      } else {  // a_hat_i . k_hat_j (a scaled first, as stage1_forward), dZ_i . v_j
+        const T* kp = qkv + b * p.q_sb + pos * p.q_sl + p.C * p.q_sc;
+        const T* vp = kp + p.C * p.q_sc;
+        const float* dzr = gr.dz + (task * g.n2 + i) * d;
+        for (int c = 0; c < d; ++c) {
+          cs += (ldf(ap + c) * ia) * ldf(kp + c);
+          dp += dzr[c] * ldf(vp + c);
+        }
+        cs *= inv_norm(s.kn[(b * L + pos) * p.nh + h]);
+        const int64_t r = task * g.n2 + i;
+        m = s.stat1[2 * r], il = s.stat1[2 * r + 1], D = gr.d1[r];
+      }
+      const float ds = row_prob(tau * cs + bias + mask, m, il) * (dp - D);
+      sb += ds;
+      st += ds * cs;
+      if (++wx == g.windows_w) {
+        wx = 0;
+        if (++wy == g.windows_h) wy = 0, ++b;
+      }
+    }
+    pb[idx] = sb;
+    pt[idx] = st;
+  }
+}
+
+// Table-row bins of the two stages (rows x columns as stripe_bias_partial lays them out).
+BiasBins stripe_bins(const StripeGeom& g, int stage) {
+  if (stage == 2) return BiasBins{g.sh, g.sw, g.ah, g.aw, g.ah - 1, g.aw - 1, g.table_h, g.table_w};
+  return BiasBins{g.ah, g.aw, g.sh, g.sw, g.sh - 1, g.sw - 1, g.table_h, g.table_w};
 }
 
 // ---- launchers -----------------------------------------------------------------
@@ -409,12 +492,25 @@ cudaError_t backward_impl(const StripeProblem& p, const StripeSaved& s, const St
   const int64_t tasks = p.B * p.g.num_windows * p.nh;
   GRL_LAUNCH(grid_for(tasks * p.g.n1), kThreads, 0, st, stage2_backward_tokens<T, MAXD>)(p, s, gr);
   GRL_LAUNCH(grid_for(tasks * p.g.n2), kThreads, 0, st, stage2_backward_anchors<T, MAXD>)(p, s, gr);
+  GRL_LAUNCH(grid_for(tasks * p.g.n2), kThreads, 0, st, stage1_backward_anchors<T, MAXD>)(p, s, gr);  // D1 first
   GRL_LAUNCH(grid_for(tasks * p.g.n1), kThreads, 0, st, stage1_backward_tokens<T, MAXD>)(p, s, gr);
-  GRL_LAUNCH(grid_for(tasks * p.g.n2), kThreads, 0, st, stage1_backward_anchors<T, MAXD>)(p, s, gr);
+  // parameter gradients, stage 2 then stage 1, on one workspace (both stages have N1 * N2 pairs)
+  const int64_t n_win = p.B * p.g.num_windows;
+  const BiasBins b2 = stripe_bins(p.g, 2), b1 = stripe_bins(p.g, 1);
+  const BiasGroups gp = bias_groups(n_win, p.nh, b2.pairs());
+  const int64_t part = gp.groups * p.nh * b2.pairs();
+  GRL_LAUNCH(grid_for(part), kThreads, 0, st, stripe_bias_partial<T, 2>)(p, s, gr, gp, gr.bias_ws, gr.bias_ws + part);
+  reduce_bias_grads(gr.bias_ws, n_win, p.nh, b2, gr.dbias2, gr.dtau2, st);
+  GRL_LAUNCH(grid_for(part), kThreads, 0, st, stripe_bias_partial<T, 1>)(p, s, gr, gp, gr.bias_ws, gr.bias_ws + part);
+  reduce_bias_grads(gr.bias_ws, n_win, p.nh, b1, gr.dbias1, gr.dtau1, st);
   return cudaGetLastError();
 }
 
 }  // namespace
+
+int64_t stripe_bias_workspace(const StripeProblem& p) {
+  return bias_workspace_floats(p.B * p.g.num_windows, p.nh, stripe_bins(p.g, 2));  // = stage 1's
+}
 
 cudaError_t stripe_forward(const StripeProblem& p, void* out, const StripeSaved& s, cudaStream_t stream) {
   if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;

@@ -2,9 +2,11 @@
 //
 // Math (per window w, head h; x_hat = x / max(||x||, 1e-12)):
 //   S[i, j] = tau q_hat_i . k_hat_j + B[rel(i, j)] + M[i, j],   Y = softmax_j(S) v
-// Forward: one thread per query row, online softmax over the N = ws^2 keys, saves lse.
-// Backward (FlashAttention-2 style): query kernel -> dq, D_i = rowsum(P * dP), dtau, dbias;
-// key kernel -> dk, dv (each thread owns its key row, no atomics except dtau / dbias).
+// Forward: one thread per query row, online softmax over the N = ws^2 keys, saves the row's
+// (m, 1/l) (grl_cuda.h). Backward (FlashAttention-2 style, P = exp(s - m) / l recomputed):
+// query kernel -> dq, D_i = rowsum(P * dP); key kernel -> dk, dv (each thread owns its key row);
+// window_bias_partial + the fixed-order reductions of grl_cuda_common.cuh -> dbias, dtau.
+// No atomics anywhere: every output has one writer, every sum a fixed order.
 // Inputs are read in place through 64-bit element strides; index math is grl_geometry.h:
 // the loops over a window walk it with window_walk_tokens (counters, no division per token).
 #include "grl_cuda_common.cuh"
@@ -85,7 +87,7 @@ __global__ void window_forward_kernel(WindowProblem p, WindowSaved s, T* out) {
 #pragma unroll
     for (int c = 0; c < MAXD; ++c)
       if (c < d) stf(op + c, y[c] * inv);
-    s.lse[idx] = m + logf(l);
+    store_row_stat(s.stat + 2 * idx, m, l);
   }
 }
 
@@ -102,15 +104,14 @@ __global__ void window_backward_queries(WindowProblem p, WindowSaved s, WindowGr
     const float qn = w.qn[pos * p.nh];
     float q[MAXD], dy[MAXD], dq[MAXD];
     load_row<T, MAXD>(w.q + pos * w.sl, 1, d, inv_norm(qn), q);
-    load_row<T, MAXD>(static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d, 1, d, 1.0f, dy);
+    const T* dyp = static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d;
+    if constexpr (!kStreamRow<MAXD>) load_row<T, MAXD>(dyp, 1, d, 1.0f, dy);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dq[c] = 0.0f;
     const int ri = g.shift > 0 ? window_token_region(g, t.win, i) : 0;
-    const float tau = p.tau[t.h], lse = s.lse[idx];
-    const int64_t rbase = t.h * g.table_rows + window_token_offset(g, i) + window_rel_base(g);
-    const float* bias = p.bias + rbase;
-    float* dbias = gr.dbias + rbase;
-    float D = 0.0f, dt = 0.0f;
+    const float tau = p.tau[t.h], m = s.stat[2 * idx], il = s.stat[2 * idx + 1];
+    const float* bias = p.bias + t.h * g.table_rows + window_token_offset(g, i) + window_rel_base(g);
+    float D = 0.0f;
     for (int pass = 0; pass < 2; ++pass) {
       window_walk_tokens(g, t.win, [&](int64_t, int64_t kpos, int rj, int64_t off) {
         const T* kp = w.q + kpos * w.sl + w.kv;
@@ -121,17 +122,14 @@ __global__ void window_backward_queries(WindowProblem p, WindowSaved s, WindowGr
         for (int c = 0; c < MAXD; ++c)
           if (c < d) {
             cs += q[c] * ldf(kp + c);
-            dp += dy[c] * ldf(vp + c);
+            dp += row_elem<MAXD>(dy, dyp, c) * ldf(vp + c);
           }
         cs *= ik;
-        const float pj = expf(tau * cs + bias[-off] + wmask(g, ri, rj) - lse);
+        const float pj = row_prob(tau * cs + bias[-off] + wmask(g, ri, rj), m, il);
         if (pass == 0) {
           D += pj * dp;
         } else {
-          const float ds = pj * (dp - D);
-          dt += ds * cs;
-          atomicAdd(dbias - off, ds);
-          const float wt = tau * ds * ik;
+          const float wt = tau * (pj * (dp - D)) * ik;
 #pragma unroll
           for (int c = 0; c < MAXD; ++c)
             if (c < d) dq[c] += wt * ldf(kp + c);
@@ -139,7 +137,6 @@ __global__ void window_backward_queries(WindowProblem p, WindowSaved s, WindowGr
       });
     }
     gr.drow[idx] = D;
-    atomicAdd(gr.dtau + t.h, dt);
     normalize_backward(dq, q, qn);
     T* gq = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + t.h * d;
 #pragma unroll
@@ -159,17 +156,20 @@ __global__ void window_backward_keys(WindowProblem p, WindowSaved s, WindowGrads
     const WView<T> w = wview<T>(p, s, t.b, t.h);
     const int64_t pos = window_token_position(g, t.win, j);
     const float kn = w.kn[pos * p.nh];
+    // the own row unscaled: the logit is computed as the forward did (q_hat . k, then / |k|),
+    // so that s - m is exact (k_hat . q / |q| differs by rounding, ~tau * eps)
     float k[MAXD], dk[MAXD], dv[MAXD];
-    load_row<T, MAXD>(w.q + pos * w.sl + w.kv, 1, d, inv_norm(kn), k);
+    const T* kown = w.q + pos * w.sl + w.kv;
+    if constexpr (!kStreamRow<MAXD>) load_row<T, MAXD>(kown, 1, d, 1.0f, k);
     const T* vp = w.q + pos * w.sl + 2 * w.kv;
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dk[c] = 0.0f, dv[c] = 0.0f;
     const int rj = g.shift > 0 ? window_token_region(g, t.win, j) : 0;
-    const float tau = p.tau[t.h];
+    const float tau = p.tau[t.h], ik = inv_norm(kn);
     // window(i, j) = off(i) - off(j) + base: the row walks with i
     const float* bias = p.bias + t.h * g.table_rows - window_token_offset(g, j) + window_rel_base(g);
     const T* gbase = static_cast<const T*>(gr.gout) + t.b * L * p.C + t.h * d;
-    const float* lse = s.lse + task * g.n;
+    const float* st = s.stat + 2 * task * g.n;
     const float* drow = gr.drow + task * g.n;
     window_walk_tokens(g, t.win, [&](int64_t i, int64_t qpos, int ri, int64_t off) {
       const T* qp = w.q + qpos * w.sl;
@@ -179,11 +179,11 @@ __global__ void window_backward_keys(WindowProblem p, WindowSaved s, WindowGrads
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          cs += k[c] * ldf(qp + c);
+          cs += (ldf(qp + c) * iq) * row_elem<MAXD>(k, kown, c);
           dp += ldf(gp + c) * ldf(vp + c);
         }
-      cs *= iq;
-      const float pij = expf(tau * cs + bias[off] + wmask(g, ri, rj) - lse[i]);
+      cs *= ik;
+      const float pij = row_prob(tau * cs + bias[off] + wmask(g, ri, rj), st[2 * i], st[2 * i + 1]);
       const float wt = tau * pij * (dp - drow[i]) * iq;
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
@@ -192,6 +192,7 @@ __global__ void window_backward_keys(WindowProblem p, WindowSaved s, WindowGrads
           dk[c] += wt * ldf(qp + c);
         }
     });
+    load_row<T, MAXD>(kown, 1, d, ik, k);  // k_hat
     normalize_backward(dk, k, kn);
     T* gk = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + p.C + t.h * d;
 #pragma unroll
@@ -201,6 +202,60 @@ __global__ void window_backward_keys(WindowProblem p, WindowSaved s, WindowGrads
         stf(gk + p.C + c, dv[c]);
       }
   }
+}
+
+// Step 1 of the bias / logit-scale gradients (grl_cuda_common.cuh): thread (grp, h, i, j) for
+// query i and key j, over the windows of group grp (consecutive windows of all batches),
+// recomputes the logit exactly as the forward did, P = exp(s - m) / l, dP = dY_i . v_j and
+// dS = P (dP - D_i), and writes sum_w dS and sum_w dS * cos to pb / pt at
+// ((grp * nh + h) * N + i) * N + j. The window position advances with counters.
+template <typename T>
+__global__ void window_bias_partial(WindowProblem p, WindowSaved s, WindowGrads gr, BiasGroups gp, float* pb,
+                                    float* pt) {
+  const WindowGeom g = p.g;
+  const int64_t N = g.n, L = g.H * g.W, n_win = p.B * g.num_windows, total = gp.groups * p.nh * N * N;
+  const int d = static_cast<int>(p.d);
+  for (int64_t idx = global_index(); idx < total; idx += global_stride()) {
+    const int64_t j = idx % N, i = (idx / N) % N, h = (idx / (N * N)) % p.nh, grp = idx / (p.nh * N * N);
+    const int64_t yi = i / g.ws, xi = i - yi * g.ws, yj = j / g.ws, xj = j - yj * g.ws;
+    const float tau = p.tau[h], bias = p.bias[h * g.table_rows + window_rel_index(g, i, j)];
+    const T* qkv = static_cast<const T*>(p.qkv) + h * p.d * p.q_sc;
+    const T* gout = static_cast<const T*>(gr.gout) + h * p.d;
+    const int64_t w0 = grp * gp.per, w1 = (w0 + gp.per < n_win) ? w0 + gp.per : n_win;
+    int64_t b = w0 / g.num_windows, wy = (w0 % g.num_windows) / g.windows_w, wx = (w0 % g.num_windows) % g.windows_w;
+    float sb = 0.0f, st = 0.0f;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t ri_ = wy * g.ws + yi, ci_ = wx * g.ws + xi, rj_ = wy * g.ws + yj, cj_ = wx * g.ws + xj;
+      const int64_t posi = window_token_position_rc(g, ri_, ci_), posj = window_token_position_rc(g, rj_, cj_);
+      const float mask =
+          (g.shift > 0 && window_token_region_rc(g, ri_, ci_) != window_token_region_rc(g, rj_, cj_)) ? kMaskValue : 0.0f;
+      const T* qp = qkv + b * p.q_sb + posi * p.q_sl;
+      const T* kp = qkv + b * p.q_sb + posj * p.q_sl + p.C * p.q_sc;
+      const T* vp = kp + p.C * p.q_sc;
+      const T* dyp = gout + (b * L + posi) * p.C;
+      const float iq = inv_norm(s.qn[(b * L + posi) * p.nh + h]);
+      float cs = 0.0f, dp = 0.0f;
+      for (int c = 0; c < d; ++c) {
+        cs += (ldf(qp + c) * iq) * ldf(kp + c);
+        dp += ldf(dyp + c) * ldf(vp + c);
+      }
+      cs *= inv_norm(s.kn[(b * L + posj) * p.nh + h]);
+      const int64_t row = ((b * g.num_windows + wy * g.windows_w + wx) * p.nh + h) * N + i;
+      const float ds = row_prob(tau * cs + bias + mask, s.stat[2 * row], s.stat[2 * row + 1]) * (dp - gr.drow[row]);
+      sb += ds;
+      st += ds * cs;
+      if (++wx == g.windows_w) {
+        wx = 0;
+        if (++wy == g.windows_h) wy = 0, ++b;
+      }
+    }
+    pb[idx] = sb;
+    pt[idx] = st;
+  }
+}
+
+BiasBins window_bins(const WindowGeom& g) {
+  return BiasBins{g.ws, g.ws, g.ws, g.ws, g.ws - 1, g.ws - 1, g.table_side, g.table_side};
 }
 
 template <typename T>
@@ -226,10 +281,20 @@ cudaError_t wbackward_impl(const WindowProblem& p, const WindowSaved& s, const W
   const int64_t rows = p.B * p.g.num_windows * p.nh * p.g.n;
   GRL_LAUNCH(grid_for(rows), kThreads, 0, st, window_backward_queries<T, MAXD>)(p, s, gr);
   GRL_LAUNCH(grid_for(rows), kThreads, 0, st, window_backward_keys<T, MAXD>)(p, s, gr);
+  const int64_t n_win = p.B * p.g.num_windows;
+  const BiasBins bins = window_bins(p.g);
+  const BiasGroups gp = bias_groups(n_win, p.nh, bins.pairs());
+  const int64_t part = gp.groups * p.nh * bins.pairs();
+  GRL_LAUNCH(grid_for(part), kThreads, 0, st, window_bias_partial<T>)(p, s, gr, gp, gr.bias_ws, gr.bias_ws + part);
+  reduce_bias_grads(gr.bias_ws, n_win, p.nh, bins, gr.dbias, gr.dtau, st);
   return cudaGetLastError();
 }
 
 }  // namespace
+
+int64_t window_bias_workspace(const WindowProblem& p) {
+  return bias_workspace_floats(p.B * p.g.num_windows, p.nh, window_bins(p.g));
+}
 
 cudaError_t window_forward(const WindowProblem& p, void* out, const WindowSaved& s, cudaStream_t stream) {
   if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;
@@ -239,7 +304,7 @@ cudaError_t window_forward(const WindowProblem& p, void* out, const WindowSaved&
 }
 
 cudaError_t window_backward(const WindowProblem& p, const WindowSaved& s, const WindowGrads& gr, cudaStream_t stream) {
-  if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;
+  if (p.B * p.g.num_windows * p.nh == 0) return cudaSuccess;  // (the binding zero-fills dtau / dbias)
   return dispatch_dtype_width(p.dtype, p.d, [&](auto t, auto w) {
     return wbackward_impl<decltype(t), decltype(w)::value>(p, s, gr, stream);
   });

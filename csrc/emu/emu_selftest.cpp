@@ -104,14 +104,15 @@ void stripe_case(int64_t B, int64_t H, int64_t W, int64_t sh, int64_t sw, int64_
   float* bias2 = allocf(nh * g.table_rows, false, 0.0f, 16.0f);
   p.tau1 = tau1; p.tau2 = tau2; p.bias1 = bias1; p.bias2 = bias2;
   void* out = alloc(static_cast<size_t>(B * L * C), dtype, true);
-  StripeSaved s{allocf(tasks * g.n2 * d, true), allocf(tasks * g.n2, true), allocf(tasks * g.n1, true),
+  StripeSaved s{allocf(tasks * g.n2 * d, true), allocf(tasks * g.n2 * 2, true), allocf(tasks * g.n1 * 2, true),
                 allocf(B * L * nh, true), allocf(B * L * nh, true), allocf(B * A * nh, true)};
   ok(stripe_forward(p, out, s, nullptr), "stripe forward");
   void* gout = alloc(static_cast<size_t>(B * L * C), dtype, false);
   StripeGrads gr{gout, alloc(static_cast<size_t>(B * L * 3 * C), dtype, true),
                  alloc(static_cast<size_t>(B * A * C), dtype, true), allocf(nh, true), allocf(nh * g.table_rows, true),
                  allocf(nh, true), allocf(nh * g.table_rows, true), allocf(tasks * g.n2 * d, true),
-                 allocf(tasks * g.n2 * d, true), allocf(tasks * g.n2, true), allocf(tasks * g.n1, true)};
+                 allocf(tasks * g.n2 * d, true), allocf(tasks * g.n2, true), allocf(tasks * g.n1, true),
+                 allocf(stripe_bias_workspace(p), true)};
   ok(stripe_backward(p, s, gr, nullptr), "stripe backward");
   check_finite("stripe out", out, dtype, B * L * C);
   check_finite("stripe d_qkv", gr.gqkv, dtype, B * L * 3 * C);
@@ -122,12 +123,12 @@ void stripe_case(int64_t B, int64_t H, int64_t W, int64_t sh, int64_t sw, int64_
               (long long)B, (long long)H, (long long)W, (long long)sh, (long long)sw, (long long)shift_h,
               (long long)shift_w, (long long)f, (long long)shifted, (long long)nh, (long long)d, dtype);
   for (void* ptr : {q.buf, anc, static_cast<void*>(tau1), static_cast<void*>(tau2), static_cast<void*>(bias1),
-                    static_cast<void*>(bias2), out, static_cast<void*>(s.z), static_cast<void*>(s.lse1),
-                    static_cast<void*>(s.lse2), static_cast<void*>(s.qn), static_cast<void*>(s.kn),
+                    static_cast<void*>(bias2), out, static_cast<void*>(s.z), static_cast<void*>(s.stat1),
+                    static_cast<void*>(s.stat2), static_cast<void*>(s.qn), static_cast<void*>(s.kn),
                     static_cast<void*>(s.an), gout, gr.gqkv, gr.ganc, static_cast<void*>(gr.dtau1),
                     static_cast<void*>(gr.dbias1), static_cast<void*>(gr.dtau2), static_cast<void*>(gr.dbias2),
                     static_cast<void*>(gr.dz), static_cast<void*>(gr.da), static_cast<void*>(gr.d1),
-                    static_cast<void*>(gr.d2)})
+                    static_cast<void*>(gr.d2), static_cast<void*>(gr.bias_ws)})
     std::free(ptr);
 }
 
@@ -143,20 +144,20 @@ void window_case(int64_t B, int64_t H, int64_t W, int64_t ws, int64_t shift, int
   float* bias = allocf(nh * g.table_rows, false, 0.0f, 16.0f);
   p.tau = tau; p.bias = bias;
   void* out = alloc(static_cast<size_t>(B * L * C), dtype, true);
-  WindowSaved s{allocf(rows, true), allocf(B * L * nh, true), allocf(B * L * nh, true)};
+  WindowSaved s{allocf(rows * 2, true), allocf(B * L * nh, true), allocf(B * L * nh, true)};
   ok(window_forward(p, out, s, nullptr), "window forward");
   void* gout = alloc(static_cast<size_t>(B * L * C), dtype, false);
   WindowGrads gr{gout, alloc(static_cast<size_t>(B * L * 3 * C), dtype, true), allocf(nh, true),
-                 allocf(nh * g.table_rows, true), allocf(rows, true)};
+                 allocf(nh * g.table_rows, true), allocf(rows, true), allocf(window_bias_workspace(p), true)};
   ok(window_backward(p, s, gr, nullptr), "window backward");
   check_finite("window out", out, dtype, B * L * C);
   check_finite("window d_qkv", gr.gqkv, dtype, B * L * 3 * C);
   check_finite("window d_bias", gr.dbias, kFloat32, nh * g.table_rows);
   std::printf("ok window B%lld %lldx%lld ws %lld shift %lld nh%lld d%lld dtype%d\n", (long long)B, (long long)H,
               (long long)W, (long long)ws, (long long)shift, (long long)nh, (long long)d, dtype);
-  for (void* ptr : {q.buf, static_cast<void*>(tau), static_cast<void*>(bias), out, static_cast<void*>(s.lse),
+  for (void* ptr : {q.buf, static_cast<void*>(tau), static_cast<void*>(bias), out, static_cast<void*>(s.stat),
                     static_cast<void*>(s.qn), static_cast<void*>(s.kn), gout, gr.gqkv, static_cast<void*>(gr.dtau),
-                    static_cast<void*>(gr.dbias), static_cast<void*>(gr.drow)})
+                    static_cast<void*>(gr.dbias), static_cast<void*>(gr.drow), static_cast<void*>(gr.bias_ws)})
     std::free(ptr);
 }
 

@@ -218,10 +218,14 @@ void huge_window() {
   p.tau = filled(nh, 1.0f, 10.0f);
   p.bias = filled(nh * g.table_rows, 0.0f, 16.0f);
   bf16* out = lazy<bf16>(B * L * C);
-  WindowSaved s{lazy<float>(rows), lazy<float>(B * L * nh), lazy<float>(B * L * nh)};
+  WindowSaved s{lazy<float>(rows * 2), lazy<float>(B * L * nh), lazy<float>(B * L * nh)};
   bf16* gout = lazy<bf16>(B * L * C);
   for (int64_t e = 0; e < L * C; ++e) gout[e] = gout[(B - 1) * L * C + e] = __float2bfloat16(frand());
-  WindowGrads gr{gout, lazy<bf16>(B * L * 3 * C), lazy<float>(nh), lazy<float>(nh * g.table_rows), lazy<float>(rows)};
+  // bias partials with one window per group: the last image's pairs sit beyond 2^31
+  const BiasGroups gp{B * g.num_windows, 1};
+  const int64_t part = gp.groups * nh * g.n * g.n;
+  WindowGrads gr{gout, lazy<bf16>(B * L * 3 * C), lazy<float>(nh), lazy<float>(nh * g.table_rows), lazy<float>(rows),
+                 lazy<float>(2 * part)};
   const int64_t win = g.num_windows - 1, t0 = win * nh, tL = ((B - 1) * g.num_windows + win) * nh;
   for (int64_t b : {int64_t(0), B - 1}) {  // the norms of every row of the image
     run_rows(row_norms_kernel<bf16>, b * L * nh, L * nh, static_cast<const bf16*>(p.qkv), B, L, L, nh, d, p.q_sb,
@@ -232,12 +236,17 @@ void huge_window() {
   for (int64_t t : {t0, tL}) run_rows(window_forward_kernel<bf16, 32>, t * g.n, g.n, p, s, out);
   for (int64_t t : {t0, tL}) run_rows(window_backward_queries<bf16, 32>, t * g.n, g.n, p, s, gr);
   for (int64_t t : {t0, tL}) run_rows(window_backward_keys<bf16, 32>, t * g.n, g.n, p, s, gr);
+  for (int64_t t : {t0, tL})  // group = window t / nh, head 0: its N x N pairs
+    run_rows(window_bias_partial<bf16>, t * g.n * g.n, g.n * g.n, p, s, gr, gp, gr.bias_ws, gr.bias_ws + part);
+  expect(tL * g.n * g.n > (int64_t(1) << 31), "window bias partial index beyond 2^31", tL * g.n * g.n, int64_t(1) << 31);
   expect(tL * g.n > (int64_t(1) << 31), "window thread index beyond 2^31", tL * g.n, int64_t(1) << 31);
   expect((B - 1) * L * C > (int64_t(1) << 31), "window output offset beyond 2^31", (B - 1) * L * C, int64_t(1) << 31);
   same_rows("window qn", s.qn, 0, (B - 1) * L, L, nh);
   same_rows("window kn", s.kn, 0, (B - 1) * L, L, nh);
   same_rows("window out", out, 0, (B - 1) * L, L, C);  // rows of the other windows: 0 in both
-  same_rows("window lse", s.lse, t0, tL, 1, g.n);
+  same_rows("window row stats", s.stat, t0, tL, 1, 2 * g.n);
+  same_rows("window bias partial", gr.bias_ws, t0, tL, 1, g.n * g.n);
+  same_rows("window tau partial", gr.bias_ws + part, t0, tL, 1, g.n * g.n);
   same_rows("window drow", gr.drow, t0, tL, 1, g.n);
   same_rows("window d_qkv", static_cast<bf16*>(gr.gqkv), 0, (B - 1) * L, L, 3 * C);
   std::printf("ok window kernels on image %lld (offsets up to %lld)\n", (long long)(B - 1),
@@ -258,14 +267,16 @@ void huge_stripe() {
   p.tau1 = filled(nh, 1.0f, 10.0f); p.tau2 = filled(nh, 1.0f, 10.0f);
   p.bias1 = filled(nh * g.table_rows, 0.0f, 16.0f); p.bias2 = filled(nh * g.table_rows, 0.0f, 16.0f);
   bf16* out = lazy<bf16>(B * L * C);
-  StripeSaved s{lazy<float>(tasks * g.n2 * d), lazy<float>(tasks * g.n2), lazy<float>(tasks * g.n1),
+  StripeSaved s{lazy<float>(tasks * g.n2 * d), lazy<float>(tasks * g.n2 * 2), lazy<float>(tasks * g.n1 * 2),
                 lazy<float>(B * L * nh), lazy<float>(B * L * nh), lazy<float>(B * A * nh)};
   bf16* gout = lazy<bf16>(B * L * C);
   for (int64_t e = 0; e < L * C; ++e) gout[e] = gout[(B - 1) * L * C + e] = __float2bfloat16(frand());
   StripeGrads gr{gout, lazy<bf16>(B * L * 3 * C), lazy<bf16>(B * A * C), lazy<float>(nh),
                  lazy<float>(nh * g.table_rows), lazy<float>(nh), lazy<float>(nh * g.table_rows),
                  lazy<float>(tasks * g.n2 * d), lazy<float>(tasks * g.n2 * d), lazy<float>(tasks * g.n2),
-                 lazy<float>(tasks * g.n1)};
+                 lazy<float>(tasks * g.n1), lazy<float>(2 * tasks * g.n1 * g.n2)};
+  const BiasGroups gp{B * g.num_windows, 1};  // one window per group (nh = 1: group = task)
+  const int64_t part = tasks * g.n1 * g.n2;
   const int64_t win = g.num_windows - 1, t0 = win * nh, tL = ((B - 1) * g.num_windows + win) * nh;
   const bf16* q = static_cast<const bf16*>(p.qkv);
   for (int64_t b : {int64_t(0), B - 1}) {
@@ -282,12 +293,20 @@ void huge_stripe() {
   for (int64_t t : {t0, tL}) run_rows(stage2_backward_anchors<bf16, 32>, t * g.n2, g.n2, p, s, gr);
   for (int64_t t : {t0, tL}) run_rows(stage1_backward_tokens<bf16, 32>, t * g.n1, g.n1, p, s, gr);
   for (int64_t t : {t0, tL}) run_rows(stage1_backward_anchors<bf16, 32>, t * g.n2, g.n2, p, s, gr);
+  for (int64_t t : {t0, tL})
+    run_rows(stripe_bias_partial<bf16, 2>, t * g.n1 * g.n2, g.n1 * g.n2, p, s, gr, gp, gr.bias_ws, gr.bias_ws + part);
+  same_rows("stripe bias2 partial", gr.bias_ws, t0, tL, 1, g.n1 * g.n2);
+  same_rows("stripe tau2 partial", gr.bias_ws + part, t0, tL, 1, g.n1 * g.n2);
+  for (int64_t t : {t0, tL})
+    run_rows(stripe_bias_partial<bf16, 1>, t * g.n1 * g.n2, g.n1 * g.n2, p, s, gr, gp, gr.bias_ws, gr.bias_ws + part);
+  same_rows("stripe bias1 partial", gr.bias_ws, t0, tL, 1, g.n1 * g.n2);
+  same_rows("stripe tau1 partial", gr.bias_ws + part, t0, tL, 1, g.n1 * g.n2);
   expect(tL * g.n2 > (int64_t(1) << 31), "stripe thread index beyond 2^31", tL * g.n2, int64_t(1) << 31);
   expect(tL * g.n2 * d > (int64_t(1) << 31), "stripe Z offset beyond 2^31", tL * g.n2 * d, int64_t(1) << 31);
   same_rows("stripe an", s.an, 0, (B - 1) * A, A, nh);
   same_rows("stripe z", s.z, t0, tL, 1, g.n2 * d);
-  same_rows("stripe lse1", s.lse1, t0, tL, 1, g.n2);
-  same_rows("stripe lse2", s.lse2, t0, tL, 1, g.n1);
+  same_rows("stripe row stats 1", s.stat1, t0, tL, 1, 2 * g.n2);
+  same_rows("stripe row stats 2", s.stat2, t0, tL, 1, 2 * g.n1);
   same_rows("stripe out", out, 0, (B - 1) * L, L, C);
   same_rows("stripe dz", gr.dz, t0, tL, 1, g.n2 * d);
   same_rows("stripe da", gr.da, t0, tL, 1, g.n2 * d);

@@ -61,7 +61,7 @@ def cache_dir() -> Path:
     return Path(base) / tag
 
 
-def _prebuilt(name: str):
+def _prebuilt(name: str, kind: str):
     try:
         mod = importlib.import_module(f"grl_kernels.{name}")
     except ImportError:
@@ -69,7 +69,7 @@ def _prebuilt(name: str):
     if getattr(mod, "abi_version", None) != cfg.ABI_VERSION:
         return None  # built from incompatible sources
     root = source_root()
-    if (root / "csrc").is_dir() and getattr(mod, "source_hash", None) != cfg.source_hash(root):
+    if (root / "csrc").is_dir() and getattr(mod, "source_hash", None) != cfg.source_hash(root, kind):
         print(f"grl_kernels: the installed {name} was built from other sources than {root / 'csrc'}; "
               "rebuilding just in time", file=sys.stderr, flush=True)
         return None
@@ -94,7 +94,7 @@ def build_dir_for(kind: str, root: Path, flags) -> Path:
     # include folders are absolute paths under root (fixed per kind): left out, so the same sources
     # installed in another place (another venv) reuse the build
     same = sorted((k, v) for k, v in flags.items() if k != "extra_include_paths")
-    key = hashlib.sha1(f"{kind}|{cfg.source_hash(root)}|{same}".encode()).hexdigest()[:12]
+    key = hashlib.sha1(f"{kind}|{cfg.source_hash(root, kind)}|{same}".encode()).hexdigest()[:12]
     return cache_dir() / f"{kind}-{key}"
 
 
@@ -215,7 +215,7 @@ def load(kind: str):
         if kind not in _cache:
             name = _NAMES[kind]
             try:
-                _cache[kind] = _prebuilt(name) or _jit(kind)
+                _cache[kind] = _prebuilt(name, kind) or _jit(kind)
             except ExtensionUnavailable as exc:
                 _cache[kind] = exc
             except Exception as exc:  # anything else: still unavailable, with the reason

@@ -33,7 +33,7 @@ def cuda_emu_cflags(root=None):
     # -O2: the emulated kernels only need to be fast enough for small test shapes;
     # -fopenmp runs the blocks of a launch in parallel; #pragma unroll is nvcc's, not GCC's.
     flags = ["-O2", "-DGRL_CUDA_EMU", "-fopenmp", "-Wno-unknown-pragmas"]
-    return flags + ([hash_define(root)] if root is not None else [])
+    return flags + ([hash_define(root, "cuda_emu")] if root is not None else [])
 
 
 CUDA_EMU_LDFLAGS = ["-fopenmp"]
@@ -48,7 +48,7 @@ def cpu_cflags(root=None, native=None):
     # -g0: Python's own CFLAGS ask for -g; the debug info would be 2/3 of a wheel (21 MB .so).
     flags = ["-O3", "-fopenmp", "-fno-tree-loop-distribute-patterns", "-g0"]
     if root is not None:
-        flags.append(hash_define(root))
+        flags.append(hash_define(root, "cpu"))
     if native is None:
         native = os.environ.get("GRL_KERNELS_PORTABLE", "0") != "1"
     if native:
@@ -71,27 +71,37 @@ CPU_LDFLAGS = ["-fopenmp"]
 SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")
 
 
-def source_hash(root) -> int:
-    """63-bit hash of every source under <root>/csrc; compiled into the modules
-    (GRL_SOURCE_HASH) so the loader can tell a build from older sources."""
+# csrc folders each extension kind compiles from (its sources and the headers they include)
+SOURCE_FOLDERS = {"cpu": ("include", "cpu"), "cuda": ("include", "cuda"), "cuda_emu": ("include", "cuda", "emu")}
+
+
+def source_hash(root, kind=None) -> int:
+    """63-bit hash of the sources under <root>/csrc that extension ``kind`` compiles (every
+    source when None); compiled into the modules (GRL_SOURCE_HASH) so the loader can tell a
+    build from older sources. Per kind, so that an edit of the CUDA sources does not rebuild
+    the CPU extension."""
     import hashlib
     from pathlib import Path
 
     h = hashlib.sha1()
     base = Path(root) / "csrc"
+    folders = SOURCE_FOLDERS[kind] if kind is not None else None
     for path in sorted(base.rglob("*")):
+        rel = path.relative_to(base)
+        if folders is not None and rel.parts[0] not in folders:
+            continue
         if path.is_file() and path.suffix in SOURCE_SUFFIXES:
             h.update(str(path.relative_to(base)).encode())
             h.update(path.read_bytes())
     return int(h.hexdigest()[:15], 16)
 
 
-def hash_define(root):
-    return f"-DGRL_SOURCE_HASH={source_hash(root)}LL"
+def hash_define(root, kind=None):
+    return f"-DGRL_SOURCE_HASH={source_hash(root, kind)}LL"
 
 
 def cuda_cflags(root=None):
-    return ["-O3"] + ([hash_define(root)] if root is not None else [])
+    return ["-O3"] + ([hash_define(root, "cuda")] if root is not None else [])
 
 
 def nvcc_flags():
