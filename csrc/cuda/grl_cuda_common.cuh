@@ -77,15 +77,16 @@ __device__ __forceinline__ float dot_row(const float (&a)[MAXD], const float (&b
 }
 
 // Backward kernels hold three d-wide rows per thread; at MAXD 64 that is 192 registers and
-// ptxas spills. There one unscaled row (dY, or the own key row) is re-read from memory at each
-// use instead (an L1 hit: the same address on every iteration; the same bits as the tile).
+// ptxas spills. There the rows read from an input (dY, the own query / key row) are re-read
+// from memory at each use instead (an L1 hit: the same address on every iteration; the same
+// bits as the tile).
 template <int MAXD>
 constexpr bool kStreamRow = MAXD > 32;
 
 template <int MAXD, typename T>
-__device__ __forceinline__ float row_elem(const float (&tile)[MAXD], const T* p, int c) {
+__device__ __forceinline__ float row_elem(const float (&tile)[MAXD], const T* p, int c, float scale = 1.0f) {
   if constexpr (kStreamRow<MAXD>) {
-    return ldf(p + c);
+    return ldf(p + c) * scale;  // the bits load_row(p, 1, d, scale, tile) put in the tile
   } else {
     return tile[c];
   }

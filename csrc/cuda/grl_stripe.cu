@@ -167,7 +167,9 @@ __global__ void stage2_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
     const int64_t pos = stripe_token_position(g, t.win, j);
     const float qn = w.qn[pos * p.nh];
     float q[MAXD], dy[MAXD], dq[MAXD];
-    load_row<T, MAXD>(w.q + pos * p.q_sl, 1, d, inv_norm(qn), q);
+    const T* qown = w.q + pos * p.q_sl;
+    const float iqn = inv_norm(qn);
+    if constexpr (!kStreamRow<MAXD>) load_row<T, MAXD>(qown, 1, d, iqn, q);
     const T* dyp = static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d;
     if constexpr (!kStreamRow<MAXD>) load_row<T, MAXD>(dyp, 1, d, 1.0f, dy);
 #pragma unroll
@@ -187,7 +189,7 @@ __global__ void stage2_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
 #pragma unroll
         for (int c = 0; c < MAXD; ++c)
           if (c < d) {
-            cs += q[c] * ldf(ap + c);
+            cs += row_elem<MAXD>(q, qown, c, iqn) * ldf(ap + c);
             dp += row_elem<MAXD>(dy, dyp, c) * zr[c];
           }
         cs *= ia;
@@ -203,6 +205,7 @@ __global__ void stage2_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
       });
     }
     gr.d2[idx] = D;
+    if constexpr (kStreamRow<MAXD>) load_row<T, MAXD>(qown, 1, d, iqn, q);
     normalize_backward(dq, q, qn);
     T* gq = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + t.h * d;
 #pragma unroll
@@ -226,7 +229,8 @@ __global__ void stage2_backward_anchors(StripeProblem p, StripeSaved s, StripeGr
     // the own row unscaled: the logit is computed as stage2_forward did (q_hat . a, then / |a|),
     // so that s - m is exact (a_hat . q / |q| differs by rounding, ~tau * eps)
     float a[MAXD], dz[MAXD], da[MAXD];
-    load_row<T, MAXD>(w.a + ar * p.a_sh + ac * p.a_sw, 1, d, 1.0f, a);
+    const T* aown = w.a + ar * p.a_sh + ac * p.a_sw;
+    if constexpr (!kStreamRow<MAXD>) load_row<T, MAXD>(aown, 1, d, 1.0f, a);
 #pragma unroll
     for (int c = 0; c < MAXD; ++c) dz[c] = 0.0f, da[c] = 0.0f;
     const int aid = g.shifted ? stripe_anchor_region(g, t.win, i) : 0;
@@ -245,7 +249,7 @@ __global__ void stage2_backward_anchors(StripeProblem p, StripeSaved s, StripeGr
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          cs += (ldf(qp + c) * iq) * a[c];
+          cs += (ldf(qp + c) * iq) * row_elem<MAXD>(a, aown, c);
           dp += ldf(gp + c) * zr[c];
         }
       cs *= ia;

@@ -103,7 +103,9 @@ __global__ void window_backward_queries(WindowProblem p, WindowSaved s, WindowGr
     const int64_t pos = window_token_position(g, t.win, i);
     const float qn = w.qn[pos * p.nh];
     float q[MAXD], dy[MAXD], dq[MAXD];
-    load_row<T, MAXD>(w.q + pos * w.sl, 1, d, inv_norm(qn), q);
+    const T* qown = w.q + pos * w.sl;
+    const float iqn = inv_norm(qn);
+    if constexpr (!kStreamRow<MAXD>) load_row<T, MAXD>(qown, 1, d, iqn, q);
     const T* dyp = static_cast<const T*>(gr.gout) + (t.b * L + pos) * p.C + t.h * d;
     if constexpr (!kStreamRow<MAXD>) load_row<T, MAXD>(dyp, 1, d, 1.0f, dy);
 #pragma unroll
@@ -121,7 +123,7 @@ __global__ void window_backward_queries(WindowProblem p, WindowSaved s, WindowGr
 #pragma unroll
         for (int c = 0; c < MAXD; ++c)
           if (c < d) {
-            cs += q[c] * ldf(kp + c);
+            cs += row_elem<MAXD>(q, qown, c, iqn) * ldf(kp + c);
             dp += row_elem<MAXD>(dy, dyp, c) * ldf(vp + c);
           }
         cs *= ik;
@@ -137,6 +139,7 @@ __global__ void window_backward_queries(WindowProblem p, WindowSaved s, WindowGr
       });
     }
     gr.drow[idx] = D;
+    if constexpr (kStreamRow<MAXD>) load_row<T, MAXD>(qown, 1, d, iqn, q);
     normalize_backward(dq, q, qn);
     T* gq = static_cast<T*>(gr.gqkv) + (t.b * L + pos) * 3 * p.C + t.h * d;
 #pragma unroll
