@@ -123,7 +123,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "grl_kernels fused CPU kernels (anchored stripe and window attention)";
   m.attr("abi_version") = GRL_ABI_VERSION;
   m.attr("source_hash") = static_cast<int64_t>(GRL_SOURCE_HASH);
-  m.def("stripe_forward", &grl::cpu::stripe_forward, "stripe attention forward -> [out, Z, lse1]");
+  m.def("stripe_forward", &grl::cpu::stripe_forward, "stripe attention forward -> [out, Z, stage-1 rows (m, 1/l)]");
   m.def("stripe_backward", &grl::cpu::stripe_backward,
         "stripe attention backward -> (d_qkv, d_anchor, d_tau1, d_bias1 (nh, R), d_tau2, d_bias2)");
   m.def("window_forward", &grl::cpu::window_forward, "window attention forward -> [out]");

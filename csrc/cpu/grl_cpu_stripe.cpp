@@ -6,7 +6,7 @@
 // One task = (batch, window, head). Stage 1 streams blocks of 64 tokens with an online
 // softmax and saves Z (N2 x d) and the row log-sum-exp; stage 2 rows (N2 entries) are
 // complete and use an exact softmax. The backward recomputes probabilities (pass A: stage 2,
-// giving dq, dZ and part of d a_hat; pass B: stage 1 from the saved lse, giving dk, dv and
+// giving dq, dZ and part of d a_hat; pass B: stage 1 from the saved (m, 1/l), giving dk, dv and
 // the rest of d a_hat). Products are register-tiled GEMMs (grl_cpu_kernels.h); the task code
 // (grl_cpu_stripe_impl.h) is compiled once per instruction set and chosen at run time.
 #include "grl_cpu_common.h"
@@ -112,7 +112,7 @@ std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& 
   const auto acc = acc_type_of(qkv.scalar_type());
   auto out = at::empty({B, g.H * g.W, C}, qkv.options());
   auto zsave = at::empty({B, g.num_windows, nh, g.n2, d}, qkv.options().dtype(acc));
-  auto lsesave = at::empty({B, g.num_windows, nh, g.n2}, qkv.options().dtype(acc));
+  auto lsesave = at::empty({B, g.num_windows, nh, g.n2, 2}, qkv.options().dtype(acc));  // rows' (m, 1/l)
   const int64_t tasks = B * g.num_windows * nh;
   const auto rb1 = reversed_bias(bias1), rb2 = reversed_bias(bias2);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "grl_stripe_forward", [&] {
@@ -138,7 +138,7 @@ std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Te
                   grad_out.numel() == B * g.H * g.W * C,
               "grl cpu kernels: grad_out must be a contiguous (B, H*W, C) tensor of qkv's dtype");
   TORCH_CHECK(zsave.is_contiguous() && zsave.numel() == B * g.num_windows * nh * g.n2 * d &&
-                  lsesave.is_contiguous() && lsesave.numel() == B * g.num_windows * nh * g.n2 &&
+                  lsesave.is_contiguous() && lsesave.numel() == B * g.num_windows * nh * g.n2 * 2 &&
                   zsave.scalar_type() == acc && lsesave.scalar_type() == acc,
               "grl cpu kernels: saved stripe forward state does not match the geometry");
   auto gqkv = at::empty({B, g.H * g.W, 3 * C}, qkv.options());

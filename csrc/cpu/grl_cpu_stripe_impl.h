@@ -12,7 +12,7 @@
 // softmax statistics and every accumulation are float32 (float64 for float64 inputs); stage
 // 1's P v stays on float32 tiles (see below).
 // Backward (float32 tiles for bfloat16 inputs): recomputes probabilities (pass A: stage 2,
-// giving dq, dZ and part of d a_hat; pass B: stage 1 from the saved lse, giving dk, dv and
+// giving dq, dZ and part of d a_hat; pass B: stage 1 from the saved (m, 1/l), giving dk, dv and
 // the rest of d a_hat).
 
 #include "grl_cpu_kernels.h"
@@ -220,15 +220,16 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
     gemm_op<acc_t, acc_t>(n2, dp, nb, S.data(), kBlock, vB.data(), dp, Z.data(), dp, true);  // Z += P v
   }
   acc_t* zs = zsave + task * n2 * d;
-  acc_t* lse = lsesave + task * n2;
+  acc_t* st = lsesave + task * n2 * 2;  // the rows' (m, 1/l): the backward's P = exp(s - m) / l
   for (int64_t i = 0; i < n2; ++i) {
     const acc_t inv = acc_t(1) / l[i];
+    st[2 * i] = m[i];
+    st[2 * i + 1] = inv;
     for (int64_t c = 0; c < d; ++c) {
       const acc_t z = Z[i * dp + c] * inv;
       zs[i * d + c] = z;
       zB[Lay::bidx(i, c, dp)] = Lay::from(z);
     }
-    lse[i] = m[i] + std::log(l[i]);
   }
 
   // ---- stage 2: tokens attend to the anchors (rows of n2 entries, exact softmax)
@@ -273,7 +274,7 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
       xb(kBlock * dp, acc_t(0)), xn(kBlock), dYb(kBlock * dp, acc_t(0)), dXb(kBlock * dp), dVb(kBlock * dp),
       kT(d * kBlock), vT(d * kBlock), cs(std::max(kBlock * n2, n2 * kBlock)), P(n2 * kBlock), dP(n2 * kBlock);
   const acc_t* Z = zsave + task * n2 * d;
-  const acc_t* lse = lsesave + task * n2;
+  const acc_t* st = lsesave + task * n2 * 2;  // rows' (m, 1/l) of stage 1
   for (int64_t i = 0; i < n2; ++i)
     for (int64_t c = 0; c < d; ++c) ZT[c * n2 + i] = Zp[i * dp + c] = Z[i * d + c];
   double dt1 = 0, dt2 = 0;  // long sums with cancellation: rows in acc_t, totals in double
@@ -336,8 +337,8 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
       acc_t* dr = dP.data() + i * kBlock;
       for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = cr[jj];
       stage1_logits(g, tau1, rb1, AT.abase[i], AT.aid[i], TB, pr);
-      const acc_t li = lse[i], Di = D1[i];
-      for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = exp_fast(pr[jj] - li);
+      const acc_t mi = st[2 * i], il = st[2 * i + 1], Di = D1[i];
+      for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = exp_fast(pr[jj] - mi) * il;
       for (int64_t jj = 0; jj < nb; ++jj) dr[jj] = pr[jj] * (dr[jj] - Di);  // dS
       dt1 += row_dot(dr, cr, nb);
       acc_t* bw = rdb1 + (R - 1 - AT.abase[i]);  // reversed: + toff[jj]

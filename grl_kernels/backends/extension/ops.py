@@ -11,7 +11,7 @@ Convention of both compiled modules (see csrc/cpu/grl_cpu_binding.cpp, csrc/cuda
     window_forward(qkv, tau, bias, geom, nh) -> [out, *state]
     window_backward(grad_out, qkv, tau, bias, *state, geom, nh) -> [d_qkv, d_tau, d_bias]
 with tau (nh,) and bias tables transposed to (nh, R), contiguous in the accumulation dtype
-(float32, or float64 for float64 CPU inputs). The CPU state is (Z, lse1) for stripes and
+(float32, or float64 for float64 CPU inputs). The CPU state is (Z, stat1) for stripes and
 nothing for windows; the CUDA state is (Z, stat1, stat2, |q|, |k|, |a|) / (stat, |q|, |k|),
 with stat the softmax rows' (max logit, 1 / sum) pairs (csrc/cuda/grl_cuda.h).
 The ops return a fixed number of tensors, padding with empty ones.
@@ -77,9 +77,8 @@ def _stripe_fwd_fake(qkv, anchor, tau1, bias1, tau2, bias2, geom, num_heads):
     C = C3 // 3
     d, nw, n1, n2 = C // num_heads, (H // sh) * (W // sw), sh * sw, (sh // f) * (sw // f)
     st = tau1.new_empty
-    state = [st(B, nw, num_heads, n2, d), st(B, nw, num_heads, n2)]
+    state = [st(B, nw, num_heads, n2, d), st(B, nw, num_heads, n2, 2)]  # Z, stage-1 rows' (max, 1 / sum)
     if qkv.device.type != "cpu":
-        state[1] = st(B, nw, num_heads, n2, 2)
         state += [st(B, nw, num_heads, n1, 2), st(B, L, num_heads), st(B, L, num_heads),
                   st(B, (H // f) * (W // f), num_heads)]
     return tuple([qkv.new_empty(B, L, C)] + _pad(state, STRIPE_STATE, tau1))
