@@ -59,6 +59,7 @@ namespace grl {
 namespace cpu {
 
 constexpr int64_t kBlock = 64;  // tokens per block of stage 1
+constexpr int64_t kStage1CacheFloats = int64_t(1) << 17;  // stage-1 backward scratch kept between its sweeps (512 KB)
 constexpr int64_t kMaxStackD = 1024;  // largest head dim (one row on the stack)
 
 // Strided 3-D view (B, L, C) of a tensor, element offsets.

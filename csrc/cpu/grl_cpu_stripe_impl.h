@@ -7,13 +7,16 @@
 // Forward: the window's token rows are gathered block by block (64 tokens) into contiguous
 // per-thread tiles in the product type T (float32, float64, or bfloat16 for vdpbf16ps):
 // k^T and v as B operands, q as A; the anchors once per task (a as A, a^T as B), all RAW (bfloat16 inputs stay exact in the tiles): the dot products are scaled by the
-// float32 inverse norms afterwards, so cosines carry float32 accuracy. Stage 1 streams blocks with an online softmax and saves Z (N2 x d) and the row
-// log-sum-exp; stage 2 rows (N2 entries) are complete and use an exact softmax. Logits,
+// float32 inverse norms afterwards, so cosines carry float32 accuracy. Stage 1 streams blocks with an online softmax and saves Z (N2 x d) and the rows'
+// (max, 1 / sum); stage 2 rows (N2 entries) are complete and use an exact softmax. Logits,
 // softmax statistics and every accumulation are float32 (float64 for float64 inputs); stage
 // 1's P v stays on float32 tiles (see below).
 // Backward (float32 tiles for bfloat16 inputs): recomputes probabilities (pass A: stage 2,
 // giving dq, dZ and part of d a_hat; pass B: stage 1 from the saved (m, 1/l), giving dk, dv and
-// the rest of d a_hat).
+// the rest of d a_hat). Pass B recomputes the stage-1 logits exactly as the forward did and
+// takes D1 = sum_j P dP from a first sweep over the blocks (kept in per-thread scratch when the
+// window is small enough, kStage1CacheFloats), so that the cancelling gradients (logit scale,
+// anchors at tau ~100) stay within 2x of the reference's float32 error.
 
 #include "grl_cpu_kernels.h"
 
@@ -270,13 +273,13 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
   acc_t* rdb2 = rdbias2 + h * R;
   AnchorTile<scalar_t, acc_t> AT(A, b, win, h, true, false);
   TokenBlock TB;
-  std::vector<acc_t> ZT(d * n2), Zp(n2 * dp, acc_t(0)), dZ(n2 * dp, acc_t(0)), dA(n2 * dp, acc_t(0)), D1(n2),
+  std::vector<acc_t> ZT(d * n2), dZ(n2 * dp, acc_t(0)), dA(n2 * dp, acc_t(0)), D1(n2),
       xb(kBlock * dp, acc_t(0)), xn(kBlock), dYb(kBlock * dp, acc_t(0)), dXb(kBlock * dp), dVb(kBlock * dp),
-      kT(d * kBlock), vT(d * kBlock), cs(std::max(kBlock * n2, n2 * kBlock)), P(n2 * kBlock), dP(n2 * kBlock);
+      vT(d * kBlock), cs(std::max(kBlock * n2, n2 * kBlock)), P(n2 * kBlock), dP(n2 * kBlock);
   const acc_t* Z = zsave + task * n2 * d;
   const acc_t* st = lsesave + task * n2 * 2;  // rows' (m, 1/l) of stage 1
   for (int64_t i = 0; i < n2; ++i)
-    for (int64_t c = 0; c < d; ++c) ZT[c * n2 + i] = Zp[i * dp + c] = Z[i * d + c];
+    for (int64_t c = 0; c < d; ++c) ZT[c * n2 + i] = Z[i * d + c];
   double dt1 = 0, dt2 = 0;  // long sums with cancellation: rows in acc_t, totals in double
 
   // ---- pass A: stage 2 backward per token block (rows of n2 entries)
@@ -317,28 +320,93 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
     }
   }
 
-  // ---- pass B: stage 1 backward per token block (probabilities from the saved lse)
-  for (int64_t i = 0; i < n2; ++i) D1[i] = row_dot(dZ.data() + i * dp, Zp.data() + i * dp, d);
-  for (int64_t jb = 0; jb < n1; jb += kBlock) {
+  // ---- pass B: stage 1 backward per token block (probabilities from the saved (m, 1/l))
+  // The logits are recomputed exactly as stripe_forward_task computed them (raw anchor and key
+  // rows on the same product tiles, then tau1 / |a| / |k| and the bias, stage1_logits), so
+  // that s - m is exact and the recomputed row sums to 1: a logit an ulp off (a_hat . k_hat
+  // instead) scales P by ~tau * 1e-7, which the cancelling logit-scale gradient does not forgive.
+  using T = typename OpType<scalar_t, acc_t>::T;
+  using Lay = OpLayout<T>;
+  const int64_t dk = kpad<T>(d);
+  AnchorTile<scalar_t, acc_t> AR(A, b, win, h, false, true);  // raw anchors, anorm = 1 / |a| (as the forward)
+  std::vector<T> aA(n2 * dk, T(0)), kB(dk * kBlock, T(0));
+  std::vector<acc_t> kinv(kBlock);
+  for (int64_t i = 0; i < n2; ++i)
+    for (int64_t c = 0; c < d; ++c) aA[i * dk + c] = Lay::from(AR.ahat[i * dp + c]);
+  // One token block: k_hat rows (xb, |k| in xn), v^T, the cosines (cs), the probabilities (P)
+  // and dP = dZ v^T of every anchor row.
+  auto block = [&](int64_t jb) {
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
-    load_tokens(A, TB, b, h, 1, xb.data(), kT.data(), xn.data());  // k_hat rows and columns
+    gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
+      kinv[jj] = inv_norm(r, d);
+      for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = Lay::from(r[c]);
+      acc_t* kh = xb.data() + jj * dp;  // k_hat row (and |k|) for the gradient products
+      for (int64_t c = 0; c < d; ++c) kh[c] = r[c];
+      xn[jj] = normalize_inplace(kh, d);
+    });
+    for (int64_t jj = nb; jj < kBlock; ++jj)  // a short last block: zero columns in the tile
+      for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = T(0);
     load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));
+    gemm_op<T, acc_t>(n2, pad16(nb), d, aA.data(), dk, kB.data(), kBlock, P.data(), kBlock, false);  // raw dots
+    gemm<acc_t>(n2, nb, d, acc_t(1), dZ.data(), dp, 1, vT.data(), kBlock, dP.data(), kBlock, false);       // dZ v^T
+    for (int64_t i = 0; i < n2; ++i) {
+      acc_t* cr = cs.data() + i * kBlock;
+      acc_t* pr = P.data() + i * kBlock;
+      for (int64_t jj = 0; jj < nb; ++jj) cr[jj] = AR.anorm[i] * kinv[jj] * pr[jj];  // cos
+      stage1_logits(g, tau1 * AR.anorm[i], rb1, AR.abase[i], AR.aid[i], TB, pr, kinv.data());
+      const acc_t mi = st[2 * i], il = st[2 * i + 1];
+      for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = exp_fast(pr[jj] - mi) * il;
+    }
+    return nb;
+  };
+  // D1 = sum_j P dP over the recomputed rows (as the reference's softmax backward), in a first
+  // sweep: dZ . Z (Z from the forward's online softmax) differs from it by rounding that tau1
+  // amplifies in every dS of the row (anchor gradients at tau 100: 10-40x the reference's error).
+  // Windows whose blocks fit kStage1CacheFloats keep the first sweep's P, dP, cos and k_hat
+  // rows (per-thread scratch, <= 512 KB, L2-resident) and the second sweep reads them back
+  // instead of recomputing (GRL-T/S stripes 8 x 64 with f = 4: 32 x 512 per window).
+  const int64_t nblocks = (n1 + kBlock - 1) / kBlock, per_block = 3 * n2 * kBlock + kBlock * dp + kBlock;
+  const bool cached = nblocks * per_block <= kStage1CacheFloats;
+  std::vector<acc_t> cache(cached ? nblocks * per_block : 0);
+  auto keep = [&](int64_t blk, bool store) {  // store: scratch <- block buffers; else back
+    acc_t* base = cache.data() + blk * per_block;
+    acc_t* bufs[5] = {P.data(), dP.data(), cs.data(), xb.data(), xn.data()};
+    const int64_t sizes[5] = {n2 * kBlock, n2 * kBlock, n2 * kBlock, kBlock * dp, kBlock};
+    for (int k = 0; k < 5; ++k) {
+      if (store) std::memcpy(base, bufs[k], sizes[k] * sizeof(acc_t));
+      else std::memcpy(bufs[k], base, sizes[k] * sizeof(acc_t));
+      base += sizes[k];
+    }
+  };
+  {
+    std::vector<double> dsum(n2, 0.0);
+    for (int64_t jb = 0; jb < n1; jb += kBlock) {
+      const int64_t nb = block(jb);
+      for (int64_t i = 0; i < n2; ++i) dsum[i] += row_dot(P.data() + i * kBlock, dP.data() + i * kBlock, nb);
+      if (cached) keep(jb / kBlock, true);
+    }
+    for (int64_t i = 0; i < n2; ++i) D1[i] = static_cast<acc_t>(dsum[i]);
+  }
+  for (int64_t jb = 0; jb < n1; jb += kBlock) {
+    int64_t nb;
+    if (cached) {
+      TB.index(g, win, jb);
+      nb = TB.nb;
+      keep(jb / kBlock, false);
+    } else {
+      nb = block(jb);
+    }
     for (int64_t jj = 0; jj < nb; ++jj) {
       scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
       prefetch_row_for_write(gk, d);
       prefetch_row_for_write(gk + C, d);
     }
-    gemm<acc_t>(n2, nb, d, acc_t(1), AT.ahat.data(), dp, 1, kT.data(), kBlock, cs.data(), kBlock, false);  // cos
-    gemm<acc_t>(n2, nb, d, acc_t(1), dZ.data(), dp, 1, vT.data(), kBlock, dP.data(), kBlock, false);       // dZ v^T
     for (int64_t i = 0; i < n2; ++i) {
-      const acc_t* cr = cs.data() + i * kBlock;
+      acc_t* cr = cs.data() + i * kBlock;
       acc_t* pr = P.data() + i * kBlock;
       acc_t* dr = dP.data() + i * kBlock;
-      for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = cr[jj];
-      stage1_logits(g, tau1, rb1, AT.abase[i], AT.aid[i], TB, pr);
-      const acc_t mi = st[2 * i], il = st[2 * i + 1], Di = D1[i];
-      for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = exp_fast(pr[jj] - mi) * il;
+      const acc_t Di = D1[i];
       for (int64_t jj = 0; jj < nb; ++jj) dr[jj] = pr[jj] * (dr[jj] - Di);  // dS
       dt1 += row_dot(dr, cr, nb);
       acc_t* bw = rdb1 + (R - 1 - AT.abase[i]);  // reversed: + toff[jj]
