@@ -176,6 +176,21 @@ inline int64_t bias_workspace_floats(int64_t n_win, int64_t nh, const BiasBins& 
   return bias_tt_offset(gp.groups * nh * b.pairs()) + 2 * nh * b.Rh * b.Rw;
 }
 
+// Position (batch b, window row wy, window column wx) of window w of a batch-major list of
+// windows, advanced with counters (the partial kernels walk consecutive windows).
+struct WindowCursor {
+  int64_t b, wy, wx;
+  __device__ __forceinline__ WindowCursor(int64_t w, int64_t windows_w, int64_t num_windows)
+      : b(w / num_windows), wy((w % num_windows) / windows_w), wx((w % num_windows) % windows_w) {}
+  __device__ __forceinline__ int64_t win(int64_t windows_w) const { return wy * windows_w + wx; }
+  __device__ __forceinline__ void next(int64_t windows_h, int64_t windows_w) {
+    if (++wx == windows_w) {
+      wx = 0;
+      if (++wy == windows_h) wy = 0, ++b;
+    }
+  }
+};
+
 namespace {  // kernels defined in this header: one copy per translation unit
 
 __global__ void bias_grad_reduce(const float* pb, const float* pt, int64_t groups, int64_t nh, BiasBins b,

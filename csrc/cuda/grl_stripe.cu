@@ -413,17 +413,18 @@ __global__ void stripe_bias_partial(StripeProblem p, StripeSaved s, StripeGrads 
     const T* qkv = static_cast<const T*>(p.qkv) + h * p.d * p.q_sc;
     const T* anc = static_cast<const T*>(p.anchor) + h * p.d * p.a_sc;
     const int64_t w0 = grp * gp.per, w1 = (w0 + gp.per < n_win) ? w0 + gp.per : n_win;
-    int64_t b = w0 / g.num_windows, wy = (w0 % g.num_windows) / g.windows_w, wx = (w0 % g.num_windows) % g.windows_w;
+    WindowCursor cur(w0, g.windows_w, g.num_windows);
     float sb = 0.0f, st = 0.0f;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t tr = wy * g.sh + y, tc = wx * g.sw + x, ur = wy * g.ah + u, uc = wx * g.aw + v;
+    for (int64_t w = w0; w < w1; ++w, cur.next(g.windows_h, g.windows_w)) {
+      const int64_t b = cur.b;
+      const int64_t tr = cur.wy * g.sh + y, tc = cur.wx * g.sw + x, ur = cur.wy * g.ah + u, uc = cur.wx * g.aw + v;
       const int64_t pos = stripe_token_position_rc(g, tr, tc);
       const int64_t ar = wrap(ur + g.ash, g.Ha), ac = wrap(uc + g.asw, g.Wa);
       const float mask = (g.shifted && stripe_anchor_region_rc(g, ur, uc) != stripe_token_region_rc(g, tr, tc))
                              ? kMaskValue : 0.0f;
       const T* ap = anc + b * p.a_sb + ar * p.a_sh + ac * p.a_sw;
       const float ia = inv_norm(s.an[(b * A + ar * g.Wa + ac) * p.nh + h]);
-      const int64_t task = (b * g.num_windows + wy * g.windows_w + wx) * p.nh + h;
+      const int64_t task = (b * g.num_windows + cur.win(g.windows_w)) * p.nh + h;
       float cs = 0.0f, dp = 0.0f, m, il, D;
       if (STAGE == 2) {  // q_hat_j . a_hat_i (q scaled first, as stage2_forward), dY_j . Z_i
         const T* qp = qkv + b * p.q_sb + pos * p.q_sl;
@@ -452,10 +453,6 @@ __global__ void stripe_bias_partial(StripeProblem p, StripeSaved s, StripeGrads 
       const float ds = row_prob(tau * cs + bias + mask, m, il) * (dp - D);
       sb += ds;
       st += ds * cs;
-      if (++wx == g.windows_w) {
-        wx = 0;
-        if (++wy == g.windows_h) wy = 0, ++b;
-      }
     }
     pb[idx] = sb;
     pt[idx] = st;

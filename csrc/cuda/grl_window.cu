@@ -225,10 +225,11 @@ __global__ void window_bias_partial(WindowProblem p, WindowSaved s, WindowGrads 
     const T* qkv = static_cast<const T*>(p.qkv) + h * p.d * p.q_sc;
     const T* gout = static_cast<const T*>(gr.gout) + h * p.d;
     const int64_t w0 = grp * gp.per, w1 = (w0 + gp.per < n_win) ? w0 + gp.per : n_win;
-    int64_t b = w0 / g.num_windows, wy = (w0 % g.num_windows) / g.windows_w, wx = (w0 % g.num_windows) % g.windows_w;
+    WindowCursor cur(w0, g.windows_w, g.num_windows);
     float sb = 0.0f, st = 0.0f;
-    for (int64_t w = w0; w < w1; ++w) {
-      const int64_t ri_ = wy * g.ws + yi, ci_ = wx * g.ws + xi, rj_ = wy * g.ws + yj, cj_ = wx * g.ws + xj;
+    for (int64_t w = w0; w < w1; ++w, cur.next(g.windows_h, g.windows_w)) {
+      const int64_t b = cur.b;
+      const int64_t ri_ = cur.wy * g.ws + yi, ci_ = cur.wx * g.ws + xi, rj_ = cur.wy * g.ws + yj, cj_ = cur.wx * g.ws + xj;
       const int64_t posi = window_token_position_rc(g, ri_, ci_), posj = window_token_position_rc(g, rj_, cj_);
       const float mask =
           (g.shift > 0 && window_token_region_rc(g, ri_, ci_) != window_token_region_rc(g, rj_, cj_)) ? kMaskValue : 0.0f;
@@ -243,14 +244,10 @@ __global__ void window_bias_partial(WindowProblem p, WindowSaved s, WindowGrads 
         dp += ldf(dyp + c) * ldf(vp + c);
       }
       cs *= inv_norm(s.kn[(b * L + posj) * p.nh + h]);
-      const int64_t row = ((b * g.num_windows + wy * g.windows_w + wx) * p.nh + h) * N + i;
+      const int64_t row = ((b * g.num_windows + cur.win(g.windows_w)) * p.nh + h) * N + i;
       const float ds = row_prob(tau * cs + bias + mask, s.stat[2 * row], s.stat[2 * row + 1]) * (dp - gr.drow[row]);
       sb += ds;
       st += ds * cs;
-      if (++wx == g.windows_w) {
-        wx = 0;
-        if (++wy == g.windows_h) wy = 0, ++b;
-      }
     }
     pb[idx] = sb;
     pt[idx] = st;
