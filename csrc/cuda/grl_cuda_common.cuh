@@ -92,6 +92,22 @@ __device__ __forceinline__ float row_elem(const float (&tile)[MAXD], const T* p,
   }
 }
 
+// A pointer the compiler can no longer prove equal to itself (an empty asm that "changes" it):
+// reads through it after the dot products of a column kernel are new loads (L1 hits) instead
+// of the two walked rows kept in registers, which at MAXD 64 would not fit next to two
+// accumulator tiles. Only at MAXD 64; nothing is emitted.
+template <int MAXD, typename P>
+__device__ __forceinline__ P* reread(P* p) {
+  if constexpr (kStreamRow<MAXD>) {
+#if defined(GRL_CUDA_EMU)
+    asm volatile("" : "+r"(p));
+#else
+    asm volatile("" : "+l"(p));
+#endif
+  }
+  return p;
+}
+
 // dL/dx of x_hat = x / max(||x||, eps) given g = dL/dx_hat (in place).
 template <int MAXD>
 __device__ __forceinline__ void normalize_backward(float (&g)[MAXD], const float (&xhat)[MAXD], float n) {

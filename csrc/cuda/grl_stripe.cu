@@ -255,11 +255,13 @@ __global__ void stage2_backward_anchors(StripeProblem p, StripeSaved s, StripeGr
       cs *= ia;
       const float pj = row_prob(tau * cs + bias[toff] + mask_of(g, aid, tid), st2[2 * j], st2[2 * j + 1]);
       const float wt = tau * pj * (dp - d2[j]) * iq;
+      const T* gp2 = reread<MAXD>(gp);
+      const T* qp2 = reread<MAXD>(qp);
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          dz[c] += pj * ldf(gp + c);
-          da[c] += wt * ldf(qp + c);
+          dz[c] += pj * ldf(gp2 + c);
+          da[c] += wt * ldf(qp2 + c);
         }
     });
 #pragma unroll
@@ -310,11 +312,13 @@ __global__ void stage1_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
       cs *= ik;
       const float pi = row_prob(tau * cs + bias[aoff] + mask_of(g, aid, tid), st1[2 * i], st1[2 * i + 1]);
       const float wt = tau * (pi * (dp - d1[i])) * ia;
+      const T* ap2 = reread<MAXD>(ap);
+      const float* dzr2 = reread<MAXD>(dzr);
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
-          dv[c] += pi * dzr[c];
-          dk[c] += wt * ldf(ap + c);
+          dv[c] += pi * dzr2[c];
+          dk[c] += wt * ldf(ap2 + c);
         }
     });
     load_row<T, MAXD>(kown, 1, d, ik, k);  // k_hat
