@@ -97,8 +97,9 @@ def stripe_fwd_combine(ACC, MS, LS, Z, STAT, N2, n_splits, D: tl.constexpr, BM: 
         l += w * tl.load(LS + base + s * N2, mask=vi, other=1.0)
         acc += w[:, None] * load_ws(ACC, base + s * N2, vi, D)
     row = pid.to(tl.int64) * N2 + i
-    store_ws(Z, row, vi, acc / l[:, None], D)
-    store_stats(STAT, row, vi, mmax, l)
+    inv_l = 1.0 / l
+    store_ws(Z, row, vi, acc * inv_l[:, None], D)
+    store_stats(STAT, row, vi, mmax, inv_l, True)
 
 
 @triton.jit
@@ -145,6 +146,7 @@ def stripe_fwd_tokens(
         z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
         m, l, acc = online_softmax_step(m, l, acc, s, z, DT, PREC)
 
+    inv_l = 1.0 / l
     store_rows(OUT + tl.multiple_of(b.to(tl.int64) * s_ob, AL), tl.multiple_of(tpos * s_ol, AL), h * d, s_oc, d, vj,
-               acc / l[:, None], D, AL)
-    store_stats(STAT, pid.to(tl.int64) * N1 + j, vj, m, l)
+               acc * inv_l[:, None], D, AL)
+    store_stats(STAT, pid.to(tl.int64) * N1 + j, vj, m, inv_l, True)

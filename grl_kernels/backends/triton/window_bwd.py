@@ -45,6 +45,7 @@ def window_bwd_dq(
     nq = row_norm(q)
     inv_nq = 1.0 / tl.maximum(nq, EPS)
     sq = inv_nq * (tau * LOG2E)
+    qrel = qy * Rw + qx + (ws - 1) * (Rw + 1)  # table row = qrel - (ky * Rw + kx), as in window_fwd
     do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(qpos * s_gl, AL), h * d, s_gc, d, vq, D,
                    AL).to(DT)
     o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq, D, AL)
@@ -63,17 +64,18 @@ def window_bwd_dq(
         k = load_rows(qkv_b, tl.multiple_of(koff, AL), C + h * d, s_qc, d, vk, D, AL)
         v = load_rows(qkv_b, tl.multiple_of(koff, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
         inv_nk = inv_norm(k)
-        r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
+        r = qrel[:, None] - (ky * Rw + kx)[None, :]
         s, raw = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
-        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
+        # l * P = exp2(s - m) and l * dS: the row factor 1 / l is applied once, after the loop
+        p = tl.exp2(s - m[:, None])
         dp = mma(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
         dtau += tl.sum(ds * raw * inv_nk[None, :], 1) * inv_nq
         dqh += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
 
-    dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
+    dq = normalize_bwd(q, inv_nq, nq, dqh * (tau * inv_l)[:, None])
     store_rows(DQKV + tl.multiple_of(b64 * s_db, AL), tl.multiple_of(qpos * s_dl, AL), h * d, s_dc, d, vq, dq, D, AL)
-    tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau, 0))
+    tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau * inv_l, 0))
 
 
 @triton.jit

@@ -63,6 +63,7 @@ def window_fwd(
         s, _ = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
         m, l, acc = online_softmax_step(m, l, acc, s, v, DT, PREC)
 
+    inv_l = 1.0 / l
     store_rows(OUT + tl.multiple_of(b.to(tl.int64) * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq,
-               acc / l[:, None], D, AL)
-    store_stats(STAT, pid.to(tl.int64) * N + j, vq, m, l)
+               acc * inv_l[:, None], D, AL)
+    store_stats(STAT, pid.to(tl.int64) * N + j, vq, m, inv_l, False)
