@@ -12,7 +12,7 @@ Everything here mirrors :mod:`grl_kernels.geometry`:
   The bias table is passed pre-multiplied by log2(e), transposed to (nh, R).
 
 Kernels work in log2 units (exp2) throughout. Row statistics saved for the backward
-(``store_stats`` / ``load_stats``): float32 (rows, 2), [row max m (log2 units), 1 / l] with
+(``store_stats`` / ``load_stats``): float32 (rows, 2), [row max m (log2 units), l] with
 l = sum_j exp2(s_j - m); the backward recomputes P = exp2(s - m) * (1 / l). Not the log-sum-exp
 m + log2(l): at tau ~ 100 the scores are ~2^8, and a rounded lse would scale a whole row of P by
 one common (1 + ~1e-5), a bias that does not cancel in the gradients that are long reductions
@@ -46,7 +46,7 @@ def mma(a, b, PREC: tl.constexpr):
 def online_softmax_step(m, l, acc, s, vals, DT: tl.constexpr, PREC: tl.constexpr):
     """One column block of a streaming softmax in log2 units: with running row max ``m`` and
     sum ``l``, fold the scores ``s`` (BM x BN) and values ``vals`` (BN x D) into ``acc``.
-    Returns the updated (m, l, acc); the result is acc * (1 / l) once every block is folded."""
+    Returns the updated (m, l, acc); the result is acc / l once every block is folded."""
     m_new = tl.maximum(m, tl.max(s, 1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -188,23 +188,16 @@ def logits_t(xr, ir, xc, sc, bias_ptr, r, idr, idc, vr, vc, PREC: tl.constexpr):
 
 
 @triton.jit
-def store_stats(STAT, row, valid, m, inv_l, PAIR: tl.constexpr):
-    """Row statistics of a softmax for the backward: STAT[row] = (m, 1 / l), float32 (rows, 2).
-    The forward normalises its output with the same inv_l (acc * inv_l). PAIR: one (rows, 2)
-    store, else two strided ones; which one compiles without spills depends on the kernel and the
-    Triton version (compile_check): the stripe kernels take the pair (two stores put 8 B on the
-    stack of stripe_fwd_tokens, float32, sm90, 3.9), window_fwd two stores (the pair spilled 8 B,
-    bfloat16, sm80, 3.6)."""
-    if PAIR:
-        two = tl.arange(0, 2)
-        tl.store(STAT + 2 * row[:, None] + two[None, :], tl.join(m, inv_l), mask=valid[:, None])
-    else:
-        tl.store(STAT + 2 * row, m, mask=valid)
-        tl.store(STAT + 2 * row + 1, inv_l, mask=valid)
+def store_stats(STAT, row, valid, m, l):
+    """Row statistics of a softmax for the backward: STAT[row] = (m, l), float32 (rows, 2)."""
+    tl.store(STAT + 2 * row, m, mask=valid)
+    tl.store(STAT + 2 * row + 1, l, mask=valid)
 
 
 @triton.jit
 def load_stats(STAT, row, valid):
-    """(m, 1 / l) of ``store_stats``; rows with ``valid`` false read (0, 0): their P is 0."""
-    two = tl.arange(0, 2)
-    return tl.split(tl.load(STAT + 2 * row[:, None] + two[None, :], mask=valid[:, None], other=0.0))
+    """(m, 1 / l) of ``store_stats`` (one division per row, in the backward: the forward's
+    registers are tight); rows with ``valid`` false read (0, inf), 1 / l = 0: their P is 0."""
+    m = tl.load(STAT + 2 * row, mask=valid, other=0.0)
+    l = tl.load(STAT + 2 * row + 1, mask=valid, other=float("inf"))
+    return m, 1.0 / l

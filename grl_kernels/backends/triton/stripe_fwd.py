@@ -7,7 +7,7 @@ them into Z (N2 x D per window and head, float32) and the stage-1 row statistics
 Stage 2 (``stripe_fwd_tokens``): every program takes a block of tokens, loops over the
 window's anchors (N2 <= 648), and writes its rows of Y straight into (B, H*W, C), and the
 stage-2 row statistics. Row statistics (common.store_stats): (BWH, rows, 2) float32, the row
-max m in log2 units and 1 / l, l = sum exp2(s - m); the backward recomputes P = exp2(s - m) / l.
+max m in log2 units and l = sum exp2(s - m); the backward recomputes P = exp2(s - m) / l.
 
 Geometry arguments, in this order in every stripe kernel (see launcher.stripe_geo_args):
 H, W, th, tw (token roll), mth, mtw (token mask shifts: 0 when not shifted), Ha, Wa, tah, taw,
@@ -81,7 +81,7 @@ def stripe_fwd_anchor_partial(
 @triton.jit
 def stripe_fwd_combine(ACC, MS, LS, Z, STAT, N2, n_splits, D: tl.constexpr, BM: tl.constexpr):
     """Merge the split partials: Z = sum_s w_s acc_s / l, w_s = 2^(m_s - m), m = max_s m_s,
-    l = sum_s w_s l_s; stores the row statistics (m, 1 / l) of stage 1."""
+    l = sum_s w_s l_s; stores the row statistics (m, l) of stage 1."""
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     i = pid_m * BM + tl.arange(0, BM)
@@ -97,9 +97,8 @@ def stripe_fwd_combine(ACC, MS, LS, Z, STAT, N2, n_splits, D: tl.constexpr, BM: 
         l += w * tl.load(LS + base + s * N2, mask=vi, other=1.0)
         acc += w[:, None] * load_ws(ACC, base + s * N2, vi, D)
     row = pid.to(tl.int64) * N2 + i
-    inv_l = 1.0 / l
-    store_ws(Z, row, vi, acc * inv_l[:, None], D)
-    store_stats(STAT, row, vi, mmax, inv_l, True)
+    store_ws(Z, row, vi, acc / l[:, None], D)
+    store_stats(STAT, row, vi, mmax, l)
 
 
 @triton.jit
@@ -146,7 +145,6 @@ def stripe_fwd_tokens(
         z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
         m, l, acc = online_softmax_step(m, l, acc, s, z, DT, PREC)
 
-    inv_l = 1.0 / l
     store_rows(OUT + tl.multiple_of(b.to(tl.int64) * s_ob, AL), tl.multiple_of(tpos * s_ol, AL), h * d, s_oc, d, vj,
-               acc * inv_l[:, None], D, AL)
-    store_stats(STAT, pid.to(tl.int64) * N1 + j, vj, m, inv_l, True)
+               acc / l[:, None], D, AL)
+    store_stats(STAT, pid.to(tl.int64) * N1 + j, vj, m, l)

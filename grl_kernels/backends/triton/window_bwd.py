@@ -2,7 +2,8 @@
 
 P is recomputed as exp2(s - m) * (1 / l) from the forward's (m, 1 / l) per query
 (common.store_stats) and s with the forward's bits (``logits_t`` in ``window_bwd_dkv``, whose
-rows are keys).
+rows are keys; ``window_bwd_dq``, whose rows are the queries, accumulates l * dS and applies
+1 / l once after its loop).
 
 ``window_bwd_dq`` (query blocks, loop over keys): Delta = rowsum(dO * O), dq and the tau
 partials (the bias-table gradient: bias_grad.py, without atomics). ``window_bwd_dkv`` (key blocks, loop over queries,

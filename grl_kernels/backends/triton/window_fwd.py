@@ -4,7 +4,7 @@ One program per (batch, window, head, block of queries); it loops over the windo
 keys (N = ws*ws <= 1296) with an online softmax, reading q/k/v in place from qkv
 (token j of window n at geometry.token_position) and writing Y straight into
 (B, H*W, C), plus the row statistics for the backward (common.store_stats: (BWH, N, 2)
-float32, the row max m in log2 units and 1 / l, l = sum exp2(s - m)).
+float32, the row max m in log2 units and l = sum exp2(s - m)).
 
 Geometry arguments, in this order in every window kernel (see launcher.window_geo_args):
 H, W, t (shift, also the mask shift), nWw, nW, nh, R; compiled in (constexpr): ws, d, AL, and
@@ -63,7 +63,6 @@ def window_fwd(
         s, _ = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
         m, l, acc = online_softmax_step(m, l, acc, s, v, DT, PREC)
 
-    inv_l = 1.0 / l
     store_rows(OUT + tl.multiple_of(b.to(tl.int64) * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq,
-               acc * inv_l[:, None], D, AL)
-    store_stats(STAT, pid.to(tl.int64) * N + j, vq, m, inv_l, False)
+               acc / l[:, None], D, AL)
+    store_stats(STAT, pid.to(tl.int64) * N + j, vq, m, l)
