@@ -65,7 +65,7 @@ TOL64 = 1e-10
 # >= 1e-3 in float32.
 RATIO = 2.0
 # Triton float32 is held to 2x: its backward recomputes P = exp2(s - m) / l from the saved row
-# max and 1 / l, s with the forward's bits (from one rounded log-sum-exp per row, and s in
+# max m and row sum l, s with the forward's bits (from one rounded log-sum-exp per row, and s in
 # another product order where the backward's rows are the forward's columns, it was 3.6e-5 vs
 # the reference's 3.9e-7: logit scale, d = 1, rows below eps). 90 interpreter examples
 # (GRL_FUZZ_EXAMPLES=3200) are all within the bound, the closest anchor 2.6e-5 vs 5.9e-6 (f = 4,

@@ -13,7 +13,7 @@ Tolerances, as max|err| / max|expected| per tensor:
   their rounding is ~2^8 * 6e-8 ~ 1e-5 relative to the softmax inputs, and sums over up to N1
   terms add a few 1e-6. Observed: outputs <= 5.7e-6, gradients <= 9.9e-6 (1.8e-5 for the anchor
   at head dim 1, measured against 1). Before the backward recomputed P from the saved row max and
-  1 / l (it used a rounded log-sum-exp, and another product order for s where rows and columns
+  row sum (it used a rounded log-sum-exp, and another product order for s where rows and columns
   swap): gradients <= 1.5e-5, tau1 at head dim 1 3.9e-5. An index, shift or mask mistake gives
   O(1) errors.
 - bfloat16 (u = 2^-9 ~ 2e-3) / float16 (u = 2^-12 ~ 2.4e-4): the products take P, Z, dS and dZ
@@ -273,14 +273,14 @@ def test_torch_compile_fullgraph_and_opcheck():
 @pytest.mark.parametrize("seed", [0, 2])
 def test_row_statistics_keep_cancelling_gradients_accurate(seed):
     """Regression: the backward recomputes P = exp2(s - m) * (1 / l) from the forward's row max m
-    and 1 / l (common.store_stats), s with the forward's bits. With head dim 1 (cos = +-1), rows
+    and row sum l (common.store_stats), s with the forward's bits. With head dim 1 (cos = +-1), rows
     below eps and tau = 100 the stage-1 gradients are long reductions that cancel, and any error
     common to a row of P or per-element in s stays in them. Bound: 2x the float32 reference's error
     (both against float64 on the same inputs, tests/fuzz_helpers.errors) + 2e-6 (~16 eps). The old
     backward (P = exp2(s - lse), s recomputed in another product order in stripe_bwd_tokens1)
     missed it by 2.3-5.4x (logit scale 1.8e-5 vs the reference's 6.6e-7, seed 2); now <= 0.71x.
-    Seen failing: 1 / l stored 1e-5 too large (qkv 2.1e-5, bias 1.9e-5 vs 1.3e-6), and the old
-    product order alone (logit scale 1.8e-5)."""
+    Seen failing: every P 1e-5 too large (1 / l perturbed: qkv 2.1e-5, bias 1.9e-5 vs 1.3e-6), and
+    the old product order alone (logit scale 1.8e-5)."""
     from fuzz_helpers import LN100, errors, make_inputs, run_case
 
     case = dict(kind="stripe", B=1, x_size=(8, 8), stripe_size=(8, 8), stripe_groups=(None, None), shift=True, f=2,

@@ -11,7 +11,7 @@ Ops (namespace "grl_kernels"):
 differentiable through ``register_autograd`` (the custom-op form of an autograd.Function),
 so eager autograd, torch.compile(fullgraph=True) and AOT autograd all see one opaque op per
 direction. z, stat1, stat2 and stat are saved statistics, not meant to be differentiated
-(stat*: float32 (BWH, rows, 2), the softmax row max and 1 / row sum, see launcher).
+(stat*: float32 (BWH, rows, 2), the softmax row max and row sum, see launcher).
 
 Importing this module does not import triton; the kernels load on the first real call.
 """

@@ -6,8 +6,8 @@ Entry points (tensors in, tensors out; no autograd here, see autograd.py):
     window_forward(qkv, geom, nh, scale, bias) -> (out, stat)
     window_backward(grad, qkv, geom, nh, scale, bias, out, stat)
 ``geom`` is a StripeGeometry / WindowGeometry. ``stat*`` are the softmax row statistics the
-forward saves for the backward, float32 (BWH, rows, 2): the row max (log2 units) and 1 / the
-row sum (common.store_stats). ``scale*`` are tau (nh,), ``bias*`` the
+forward saves for the backward, float32 (BWH, rows, 2): the row max (log2 units) and the
+row sum of exp2(s - max) (common.store_stats). ``scale*`` are tau (nh,), ``bias*`` the
 (R, nh) tables 16*sigmoid(T), in any floating dtype (used in float32).
 
 CUDA tensors run the compiled kernels. In a process that imported triton with

@@ -1,7 +1,7 @@
 """Backward kernels of anchored stripe attention (FlashAttention-2 style, from saved stats).
 
 Saved by the forward: Y (the output), Z (float32, N2 x D per window/head), the row
-statistics of both stages ((m, 1 / l) per softmax row, common.store_stats). With
+statistics of both stages ((m, l) per softmax row, common.store_stats). With
 P2 = softmax(S2), Y = P2 Z and P1 = softmax(S1), Z = P1 V, and dS = P * (dP - rowsum(dO * O)).
 Every kernel recomputes P = exp2(s - m) * (1 / l) from s with the forward's bits (logits, or
 logits_t where the kernel's rows are the forward's columns: stages 2 in ``stripe_bwd_anchors2``,

@@ -1,6 +1,6 @@
 """Backward kernels of window attention (FlashAttention-2 style, from the saved row statistics).
 
-P is recomputed as exp2(s - m) * (1 / l) from the forward's (m, 1 / l) per query
+P is recomputed as exp2(s - m) * (1 / l) from the forward's (m, l) per query
 (common.store_stats) and s with the forward's bits (``logits_t`` in ``window_bwd_dkv``, whose
 rows are keys; ``window_bwd_dq``, whose rows are the queries, accumulates l * dS and applies
 1 / l once after its loop).
