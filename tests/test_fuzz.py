@@ -64,21 +64,28 @@ TOL64 = 1e-10
 # float32 2e-5 (see RATIO_SLACK), bfloat16 3.1e-2 (4 eps); an index, mask or shift error is
 # >= 1e-3 in float32.
 RATIO = 2.0
+# Triton float32 is held to 2x: its backward recomputes P = exp2(s - m) / l from the saved row
+# max m and row sum l, s with the forward's bits (from one rounded log-sum-exp per row, and s in
+# another product order where the backward's rows are the forward's columns, it was 3.6e-5 vs
+# the reference's 3.9e-7: logit scale, d = 1, rows below eps). 90 interpreter examples
+# (GRL_FUZZ_EXAMPLES=3200) are all within the bound, the closest anchor 2.6e-5 vs 5.9e-6 (f = 4,
+# tau 100: inside the slack).
 # Known deviation, reported (not hidden): under the interpreter the Triton kernels miss the 2x
-# bar on gradients that are long cancelling reductions (logit scales, bias tables, anchors) at
-# tau ~ 100: measured float32 3.6e-5 vs the reference's 3.9e-7 (logit scale, d = 1, rows below
-# eps), 2.4e-5 vs 5.9e-6 (anchor, f = 4); bfloat16 4.2e-2 vs 4.0e-3 (logit scale, window). For
-# Triton a tensor passes at 2x the reference's error OR within the fixed limits of
-# tests/test_triton_interpreter.py (float32 5e-5, bfloat16 1e-1); every other backend is held
-# to 2x.
-# The CUDA C++ kernels (run on the CPU by the emulation layer) are held to 2x: they recompute
-# P = exp(s - m) / l from the rows' saved (max, 1/sum), not from one log-sum-exp, whose
-# rounding (~1e-5 at logits ~100) scaled whole rows and left float32 qkv / anchor gradients
-# 10-20x above the reference's error (4.1e-5 vs 2.0e-6, window, d = 2, tau 20).
-KNOWN_LIMIT = {("triton", torch.float32): 5e-5, ("triton", torch.bfloat16): 1e-1}
-# float32 slack 2e-5: with the per-ISA gathered-tile cpu kernels a d = 1 logit-scale gradient
-# (a sum of dS * cos with cos = +-1 that cancels to ~0) came out at 1.19e-5 vs the reference's
-# 1.2e-7 (stripe 4x16, f 4, tau e^3): summation-order noise, 100x below an index/mask error.
+# bar in bfloat16 on gradients that are long cancelling reductions (logit scales, bias tables,
+# anchors) at tau ~ 100: measured 4.2e-2 vs the reference's 4.0e-3 (logit scale, window). A
+# Triton bfloat16 tensor passes at 2x the reference's error OR within the fixed limit of
+# tests/test_triton_interpreter.py (1e-1); GRL_FUZZ_EXAMPLES=3200 also finds stripe cases past
+# it (qkv 0.14 vs 0.029, anchor 0.49 vs 0.21: f = 4, tau 100).
+# The CUDA C++ kernels (run on the CPU by the emulation layer) are held to 2x in both dtypes:
+# they recompute P = exp(s - m) / l from the rows' saved (max, 1/sum), not from one
+# log-sum-exp, whose rounding (~1e-5 at logits ~100) scaled whole rows and left float32 qkv /
+# anchor gradients 10-20x above the reference's error (4.1e-5 vs 2.0e-6, window, d = 2, tau 20).
+KNOWN_LIMIT = {("triton", torch.bfloat16): 1e-1}
+# float32 slack 2e-5, 100x below an index / mask error. (The cpu case that first set it, a d = 1
+# logit-scale gradient at 1.19e-5 vs the reference's 1.2e-7, was not summation noise: the
+# stage-1 backward recomputed its logits in another order than the forward; fixed, now ~1.5e-6.
+# What still needs the slack at GRL_FUZZ_EXAMPLES=6000: cpu gradients of rows with norms below
+# eps at tau 100, 4.5e-5 vs 8.2e-6, and the Triton anchor case above.)
 RATIO_SLACK = {torch.float32: 2e-5, torch.bfloat16: 4 * 7.8e-3}
 
 STATS = Stats()

@@ -121,16 +121,16 @@ def test_fake_implementations_give_the_shapes():
         qkv = torch.empty(B, 32 * 64, 3 * nh * d, dtype=torch.bfloat16)
         anchor = torch.empty(B, 8, 16, nh * d, dtype=torch.bfloat16)
         s, b = torch.empty(nh), torch.empty(g.table_rows, nh)
-        out, z, lse1, lse2 = A.stripe_fwd(qkv, anchor, s, b, s, b, A.stripe_geom_list(g), nh)
+        out, z, stat1, stat2 = A.stripe_fwd(qkv, anchor, s, b, s, b, A.stripe_geom_list(g), nh)
         bwh = B * g.num_windows * nh
         assert out.shape == (B, 32 * 64, nh * d) and out.dtype == torch.bfloat16
         assert z.shape == (bwh, g.n2, 32) and z.dtype == torch.float32
-        assert lse1.shape == (bwh, g.n2) and lse2.shape == (bwh, g.n1)
-        grads = A.stripe_bwd(out, qkv, anchor, s, b, s, b, out, z, lse1, lse2, A.stripe_geom_list(g), nh)
+        assert stat1.shape == (bwh, g.n2, 2) and stat2.shape == (bwh, g.n1, 2)
+        grads = A.stripe_bwd(out, qkv, anchor, s, b, s, b, out, z, stat1, stat2, A.stripe_geom_list(g), nh)
         assert [t.shape for t in grads] == [qkv.shape, anchor.shape, s.shape, b.shape, s.shape, b.shape]
         wg = window_geometry((32, 64), 16, True)
-        out, lse = A.window_fwd(qkv, s, torch.empty(wg.table_rows, nh), A.window_geom_list(wg), nh)
-        assert out.shape == (B, 32 * 64, nh * d) and lse.shape == (B * wg.num_windows * nh, wg.n)
+        out, stat = A.window_fwd(qkv, s, torch.empty(wg.table_rows, nh), A.window_geom_list(wg), nh)
+        assert out.shape == (B, 32 * 64, nh * d) and stat.shape == (B * wg.num_windows * nh, wg.n, 2)
 
 
 def test_geometry_lists_round_trip():

@@ -2,15 +2,16 @@
 
 Ops (namespace "grl_kernels"):
     triton_stripe_fwd(qkv, anchor, scale1, bias1, scale2, bias2, geom, num_heads)
-        -> (out, z, lse1, lse2)
-    triton_stripe_bwd(grad, qkv, anchor, scale1, bias1, scale2, bias2, out, z, lse1, lse2, geom, num_heads)
+        -> (out, z, stat1, stat2)
+    triton_stripe_bwd(grad, qkv, anchor, scale1, bias1, scale2, bias2, out, z, stat1, stat2, geom, num_heads)
         -> (dqkv, danchor, dscale1, dbias1, dscale2, dbias2)
-    triton_window_fwd(qkv, scale, bias, geom, num_heads) -> (out, lse)
-    triton_window_bwd(grad, qkv, scale, bias, out, lse, geom, num_heads) -> (dqkv, dscale, dbias)
+    triton_window_fwd(qkv, scale, bias, geom, num_heads) -> (out, stat)
+    triton_window_bwd(grad, qkv, scale, bias, out, stat, geom, num_heads) -> (dqkv, dscale, dbias)
 ``geom`` is a list of ints (see stripe_geom_list / window_geom_list). The forward ops are
 differentiable through ``register_autograd`` (the custom-op form of an autograd.Function),
 so eager autograd, torch.compile(fullgraph=True) and AOT autograd all see one opaque op per
-direction. z, lse1, lse2 and lse are saved statistics, not meant to be differentiated.
+direction. z, stat1, stat2 and stat are saved statistics, not meant to be differentiated
+(stat*: float32 (BWH, rows, 2), the softmax row max and row sum, see launcher).
 
 Importing this module does not import triton; the kernels load on the first real call.
 """
@@ -74,23 +75,23 @@ def _stripe_fwd_fake(qkv, anchor, scale1, bias1, scale2, bias2, geom, num_heads)
     return (
         qkv.new_empty((B, L, C3 // 3)),
         qkv.new_empty((bwh, g.n2, D), **f32),
-        qkv.new_empty((bwh, g.n2), **f32),
-        qkv.new_empty((bwh, g.n1), **f32),
+        qkv.new_empty((bwh, g.n2, 2), **f32),
+        qkv.new_empty((bwh, g.n1, 2), **f32),
     )
 
 
 @torch.library.custom_op("grl_kernels::triton_stripe_bwd", mutates_args=())
 def stripe_bwd(
     grad: Tensor, qkv: Tensor, anchor: Tensor, scale1: Tensor, bias1: Tensor, scale2: Tensor, bias2: Tensor,
-    out: Tensor, z: Tensor, lse1: Tensor, lse2: Tensor, geom: List[int], num_heads: int,
+    out: Tensor, z: Tensor, stat1: Tensor, stat2: Tensor, geom: List[int], num_heads: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     return tuple(_launcher().stripe_backward(
-        grad, qkv, anchor, _stripe_geom(geom), num_heads, scale1, bias1, scale2, bias2, out, z, lse1, lse2,
+        grad, qkv, anchor, _stripe_geom(geom), num_heads, scale1, bias1, scale2, bias2, out, z, stat1, stat2,
     ))
 
 
 @stripe_bwd.register_fake
-def _stripe_bwd_fake(grad, qkv, anchor, scale1, bias1, scale2, bias2, out, z, lse1, lse2, geom, num_heads):
+def _stripe_bwd_fake(grad, qkv, anchor, scale1, bias1, scale2, bias2, out, z, stat1, stat2, geom, num_heads):
     return (
         torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(anchor),
         torch.empty_like(scale1), torch.empty_like(bias1), torch.empty_like(scale2), torch.empty_like(bias2),
@@ -99,17 +100,17 @@ def _stripe_bwd_fake(grad, qkv, anchor, scale1, bias1, scale2, bias2, out, z, ls
 
 def _stripe_setup(ctx, inputs, output):
     qkv, anchor, scale1, bias1, scale2, bias2, geom, num_heads = inputs
-    out, z, lse1, lse2 = output
-    ctx.mark_non_differentiable(z, lse1, lse2)
-    ctx.save_for_backward(qkv, anchor, scale1, bias1, scale2, bias2, out, z, lse1, lse2)
+    out, z, stat1, stat2 = output
+    ctx.mark_non_differentiable(z, stat1, stat2)
+    ctx.save_for_backward(qkv, anchor, scale1, bias1, scale2, bias2, out, z, stat1, stat2)
     ctx.geom, ctx.num_heads = list(geom), num_heads
 
 
 def _stripe_backward(ctx, grad_out, *_unused):
-    qkv, anchor, scale1, bias1, scale2, bias2, out, z, lse1, lse2 = ctx.saved_tensors
+    qkv, anchor, scale1, bias1, scale2, bias2, out, z, stat1, stat2 = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = stripe_bwd(grad_out, qkv, anchor, scale1, bias1, scale2, bias2, out, z, lse1, lse2, ctx.geom, ctx.num_heads)
+    grads = stripe_bwd(grad_out, qkv, anchor, scale1, bias1, scale2, bias2, out, z, stat1, stat2, ctx.geom, ctx.num_heads)
     return (*grads, None, None)
 
 
@@ -129,35 +130,35 @@ def _window_fwd_fake(qkv, scale, bias, geom, num_heads):
     g = _window_geom(geom)
     B, L, C3 = qkv.shape
     bwh, _ = _stats_shapes(qkv, num_heads, g.num_windows)
-    return qkv.new_empty((B, L, C3 // 3)), qkv.new_empty((bwh, g.n), dtype=torch.float32)
+    return qkv.new_empty((B, L, C3 // 3)), qkv.new_empty((bwh, g.n, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("grl_kernels::triton_window_bwd", mutates_args=())
 def window_bwd(
-    grad: Tensor, qkv: Tensor, scale: Tensor, bias: Tensor, out: Tensor, lse: Tensor, geom: List[int], num_heads: int,
+    grad: Tensor, qkv: Tensor, scale: Tensor, bias: Tensor, out: Tensor, stat: Tensor, geom: List[int], num_heads: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    return tuple(_launcher().window_backward(grad, qkv, _window_geom(geom), num_heads, scale, bias, out, lse))
+    return tuple(_launcher().window_backward(grad, qkv, _window_geom(geom), num_heads, scale, bias, out, stat))
 
 
 @window_bwd.register_fake
-def _window_bwd_fake(grad, qkv, scale, bias, out, lse, geom, num_heads):
+def _window_bwd_fake(grad, qkv, scale, bias, out, stat, geom, num_heads):
     return (torch.empty_like(qkv, memory_format=torch.contiguous_format), torch.empty_like(scale),
             torch.empty_like(bias))
 
 
 def _window_setup(ctx, inputs, output):
     qkv, scale, bias, geom, num_heads = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(qkv, scale, bias, out, lse)
+    out, stat = output
+    ctx.mark_non_differentiable(stat)
+    ctx.save_for_backward(qkv, scale, bias, out, stat)
     ctx.geom, ctx.num_heads = list(geom), num_heads
 
 
 def _window_backward(ctx, grad_out, *_unused):
-    qkv, scale, bias, out, lse = ctx.saved_tensors
+    qkv, scale, bias, out, stat = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    grads = window_bwd(grad_out, qkv, scale, bias, out, lse, ctx.geom, ctx.num_heads)
+    grads = window_bwd(grad_out, qkv, scale, bias, out, stat, ctx.geom, ctx.num_heads)
     return (*grads, None, None)
 
 

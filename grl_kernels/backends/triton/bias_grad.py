@@ -6,7 +6,8 @@ Two steps, both in a fixed order (the result has the same bits on every run):
 
 1. ``*_bias_partial`` (grid: window groups x heads, row blocks, column blocks): a program owns one
    (row block, column block) tile of one head and loops over the windows of its group,
-   recomputing P and dS of the tile (two products) and adding dS into a float32 register tile;
+   recomputing P = exp2(s - m) * (1 / l) (the forward's row statistics, common.load_stats) and
+   dS of the tile (two products) and adding dS into a float32 register tile;
    it stores the tile once into GP (groups, nh, rows, cols). The host sums the groups.
 2. ``bias_grad_reduce`` (grid: nh x table-row blocks ry): table row r = (ry, rx) is the sum of
    G[h, j, k] over the pairs with u - y = ry - oy, v - x = rx - ox (row j = (u, v) on a rh x rw
@@ -18,12 +19,12 @@ Rows are the softmax rows: queries (window), tokens (stripe stage 2), anchors (s
 import triton
 import triton.language as tl
 
-from .common import LOG2E, grid_tile, inv_norm, load_rows, load_ws, logits, mma
+from .common import LOG2E, grid_tile, inv_norm, load_rows, load_stats, load_ws, logits, mma
 
 
 @triton.jit
 def window_bwd_bias_partial(
-    QKV, SCALE, BIAS, DOUT, LSE, DELTA, GP,
+    QKV, SCALE, BIAS, DOUT, STAT, DELTA, GP,
     s_qb, s_ql, s_qc, s_gb, s_gl, s_gc,
     H, W, t, nWw, nW, nh, R,
     win_per_group, n_win,
@@ -61,11 +62,11 @@ def window_bwd_bias_partial(
         do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(qoff * s_gl, AL), h * d, s_gc, d, vq, D,
                        AL).to(DT)
         row = (tl.cast(w, tl.int64) * nh + h) * N + j
-        lse = tl.load(LSE + row, mask=vq, other=0.0)
+        m, inv_l = load_stats(STAT, row, vq)
         delta = tl.load(DELTA + row, mask=vq, other=0.0)
         r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
         s, _ = logits(q, inv_norm(q) * (tau * LOG2E), k, inv_norm(k), bias_h, r, qid, kid, vq, vk, PREC)
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
         dp = mma(do, tl.trans(v), PREC)
         g += p * (dp - delta[:, None])
     gp = GP + ((grp * nh + h).to(tl.int64) * N + j[:, None]) * N + jk[None, :]
@@ -74,7 +75,7 @@ def window_bwd_bias_partial(
 
 @triton.jit
 def stripe_bwd_bias2_partial(
-    QKV, ANC, SCALE, BIAS, Z, DOUT, LSE, DELTA, GP,
+    QKV, ANC, SCALE, BIAS, Z, DOUT, STAT, DELTA, GP,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_gb, s_gl, s_gc,
     H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     win_per_group, n_win,
@@ -113,11 +114,11 @@ def stripe_bwd_bias2_partial(
         do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(tpos * s_gl, AL), h * d, s_gc, d, vj, D,
                        AL).to(DT)
         z = load_ws(Z, bwh * N2 + i, vi, D).to(DT)
-        lse = tl.load(LSE + bwh * N1 + j, mask=vj, other=0.0)
+        m, inv_l = load_stats(STAT, bwh * N1 + j, vj)
         delta = tl.load(DELTA + bwh * N1 + j, mask=vj, other=0.0)
         r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
         s, _ = logits(q, inv_norm(q) * (tau * LOG2E), a, inv_norm(a), bias_h, r, tid, aid, vj, vi, PREC)
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
         dp = mma(do, tl.trans(z), PREC)
         g += p * (dp - delta[:, None])
     gp = GP + ((grp * nh + h).to(tl.int64) * N1 + j[:, None]) * N2 + i[None, :]
@@ -126,7 +127,7 @@ def stripe_bwd_bias2_partial(
 
 @triton.jit
 def stripe_bwd_bias1_partial(
-    QKV, ANC, SCALE, BIAS, DZ, LSE, DELTA, GP,
+    QKV, ANC, SCALE, BIAS, DZ, STAT, DELTA, GP,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac,
     H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     win_per_group, n_win,
@@ -165,11 +166,11 @@ def stripe_bwd_bias1_partial(
         k = load_rows(qkv_b, tl.multiple_of(toff, AL), C + h * d, s_qc, d, vj, D, AL)
         v = load_rows(qkv_b, tl.multiple_of(toff, AL), 2 * C + h * d, s_qc, d, vj, D, AL)
         dz = load_ws(DZ, bwh * N2 + i, vi, D).to(DT)
-        lse = tl.load(LSE + bwh * N2 + i, mask=vi, other=0.0)
+        m, inv_l = load_stats(STAT, bwh * N2 + i, vi)
         delta = tl.load(DELTA + bwh * N2 + i, mask=vi, other=0.0)
         r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
         s, _ = logits(a, inv_norm(a) * (tau * LOG2E), k, inv_norm(k), bias_h, r, aid, tid, vi, vj, PREC)
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
         dp = mma(dz, tl.trans(v), PREC)
         g += p * (dp - delta[:, None])
     gp = GP + ((grp * nh + h).to(tl.int64) * N2 + i[:, None]) * N1 + j[None, :]

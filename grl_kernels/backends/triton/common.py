@@ -11,7 +11,14 @@ Everything here mirrors :mod:`grl_kernels.geometry`:
 - ``logits`` returns the scores in log2 units: tau*cos*log2(e) + bias*log2(e) + mask*log2(e).
   The bias table is passed pre-multiplied by log2(e), transposed to (nh, R).
 
-Kernels work in log2 units (exp2) throughout; the saved log-sum-exps are log2 too.
+Kernels work in log2 units (exp2) throughout. Row statistics saved for the backward
+(``store_stats`` / ``load_stats``): float32 (rows, 2), [row max m (log2 units), l] with
+l = sum_j exp2(s_j - m); the backward recomputes P = exp2(s - m) * (1 / l). Not the log-sum-exp
+m + log2(l): at tau ~ 100 the scores are ~2^8, and a rounded lse would scale a whole row of P by
+one common (1 + ~1e-5), a bias that does not cancel in the gradients that are long reductions
+(logit scales, bias tables, anchors). s - m cancels exactly when the backward recomputes s with
+the same bits as the forward: same operands, same products in the same order (``logits``, and
+``logits_t`` in kernels whose rows are the forward's columns).
 """
 import os
 
@@ -146,14 +153,51 @@ def normalize_bwd(x, inv, n, dxhat):
 
 
 @triton.jit
+def _add_bias_mask(s, bias_ptr, r, idr, idc, vr, vc):
+    s += tl.load(bias_ptr + r, mask=vr[:, None] & vc[None, :], other=0.0)
+    s = tl.where(idr[:, None] != idc[None, :], s + MASK_LOG2, s)
+    return tl.where(vc[None, :], s, float("-inf"))
+
+
+@triton.jit
 def logits(xr, sr, xc, ic, bias_ptr, r, idr, idc, vr, vc, PREC: tl.constexpr):
     """Scores (log2 units) of rows ``xr`` against columns ``xc`` and the raw dot products.
 
     sr: per-row factor tau*log2(e)/||x_r||; ic: per-column 1/||x_c||; r: table row of every
     pair; idr/idc: region ids (-100 where they differ); columns with vc false get -inf.
+    s = (raw * sr) * ic + bias (+ mask), in this order.
     """
     raw = mma(xr, tl.trans(xc), PREC)
     s = raw * sr[:, None] * ic[None, :]
-    s += tl.load(bias_ptr + r, mask=vr[:, None] & vc[None, :], other=0.0)
-    s = tl.where(idr[:, None] != idc[None, :], s + MASK_LOG2, s)
-    return tl.where(vc[None, :], s, float("-inf")), raw
+    return _add_bias_mask(s, bias_ptr, r, idr, idc, vr, vc), raw
+
+
+@triton.jit
+def logits_t(xr, ir, xc, sc, bias_ptr, r, idr, idc, vr, vc, PREC: tl.constexpr):
+    """``logits`` of the forward whose rows are ``xc`` and columns ``xr``, transposed, with the
+    same bits: s[i, j] = (raw[i, j] * sc[j]) * ir[i] + bias (+ mask), sc the factor
+    tau*log2(e)/||x_c|| of the forward's rows, ir the 1/||x_r|| of its columns. Used by backward
+    kernels that loop over the forward's rows, so that s - m cancels exactly (see the module
+    docstring). Columns with vc false and rows with vr false get -inf: P = exp2(s - m) / l with
+    the column's statistics would overflow on a padding row (s = 0, m down to ~ -2^8) and turn
+    the reductions over rows (the tau partials) into NaN."""
+    raw = mma(xr, tl.trans(xc), PREC)
+    s = raw * sc[None, :] * ir[:, None]
+    s = _add_bias_mask(s, bias_ptr, r, idr, idc, vr, vc)
+    return tl.where(vr[:, None], s, float("-inf")), raw
+
+
+@triton.jit
+def store_stats(STAT, row, valid, m, l):
+    """Row statistics of a softmax for the backward: STAT[row] = (m, l), float32 (rows, 2)."""
+    tl.store(STAT + 2 * row, m, mask=valid)
+    tl.store(STAT + 2 * row + 1, l, mask=valid)
+
+
+@triton.jit
+def load_stats(STAT, row, valid):
+    """(m, 1 / l) of ``store_stats`` (one division per row, in the backward: the forward's
+    registers are tight); rows with ``valid`` false read (0, inf), 1 / l = 0: their P is 0."""
+    m = tl.load(STAT + 2 * row, mask=valid, other=0.0)
+    l = tl.load(STAT + 2 * row + 1, mask=valid, other=float("inf"))
+    return m, 1.0 / l

@@ -98,8 +98,8 @@ def _record(kind, g, nh, d, dtype, capability: int = 90) -> List[dict]:
             o, z, l1, l2 = launcher.stripe_forward(qkv, anc, g, nh, scale, bias, scale, bias)
             launcher.stripe_backward(out, qkv, anc, g, nh, scale, bias, scale, bias, out, z, l1, l2)
         else:
-            o, lse = launcher.window_forward(qkv, g, nh, scale, bias)
-            launcher.window_backward(out, qkv, g, nh, scale, bias, out, lse)
+            o, stat = launcher.window_forward(qkv, g, nh, scale, bias)
+            launcher.window_backward(out, qkv, g, nh, scale, bias, out, stat)
     return rec
 
 

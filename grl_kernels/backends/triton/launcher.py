@@ -1,11 +1,13 @@
 """Host side of the Triton backend: configuration choice, workspaces, grids, launches.
 
 Entry points (tensors in, tensors out; no autograd here, see autograd.py):
-    stripe_forward(qkv, anchor, geom, nh, scale1, bias1, scale2, bias2) -> (out, z, lse1, lse2)
-    stripe_backward(grad, qkv, anchor, geom, nh, scale1, bias1, scale2, bias2, out, z, lse1, lse2)
-    window_forward(qkv, geom, nh, scale, bias) -> (out, lse)
-    window_backward(grad, qkv, geom, nh, scale, bias, out, lse)
-``geom`` is a StripeGeometry / WindowGeometry. ``scale*`` are tau (nh,), ``bias*`` the
+    stripe_forward(qkv, anchor, geom, nh, scale1, bias1, scale2, bias2) -> (out, z, stat1, stat2)
+    stripe_backward(grad, qkv, anchor, geom, nh, scale1, bias1, scale2, bias2, out, z, stat1, stat2)
+    window_forward(qkv, geom, nh, scale, bias) -> (out, stat)
+    window_backward(grad, qkv, geom, nh, scale, bias, out, stat)
+``geom`` is a StripeGeometry / WindowGeometry. ``stat*`` are the softmax row statistics the
+forward saves for the backward, float32 (BWH, rows, 2): the row max (log2 units) and the
+row sum of exp2(s - max) (common.store_stats). ``scale*`` are tau (nh,), ``bias*`` the
 (R, nh) tables 16*sigmoid(T), in any floating dtype (used in float32).
 
 CUDA tensors run the compiled kernels. In a process that imported triton with
@@ -317,22 +319,22 @@ def stripe_forward(qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale
             (qkv, anchor, s1, b1, acc, ms, ls, *qs, *as_, *geo, per, n_splits),
             dict(D=D, BM=c1.BM, BN=c1.BN, PREC=prec, **gc), c1, dev)
     z = torch.empty((BWH, N2, D), dtype=torch.float32, device=dev)
-    lse1 = torch.empty((BWH, N2), dtype=torch.float32, device=dev)
+    stat1 = torch.empty((BWH, N2, 2), dtype=torch.float32, device=dev)
     cc = Config(min(32, _p2(N2)), 16)
-    _launch("stripe_fwd_combine", (BWH, -(-N2 // cc.BM)), (acc, ms, ls, z, lse1, N2, n_splits),
+    _launch("stripe_fwd_combine", (BWH, -(-N2 // cc.BM)), (acc, ms, ls, z, stat1, N2, n_splits),
             dict(D=D, BM=cc.BM), cc, dev)
     del acc, ms, ls
 
     # stage 2: tokens over anchors, written in place into (B, H*W, C)
-    lse2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
+    stat2 = torch.empty((BWH, N1, 2), dtype=torch.float32, device=dev)
     c2 = choose_config("fwd", N1, N2, D, qkv.dtype, device_arch(dev))
     _launch("stripe_fwd_tokens", (BWH, -(-N1 // c2.BM)),
-            (qkv, anchor, s2, b2, z, out, lse2, *qs, *as_, *out.stride(), *geo),
+            (qkv, anchor, s2, b2, z, out, stat2, *qs, *as_, *out.stride(), *geo),
             dict(D=D, BM=c2.BM, BN=c2.BN, PREC=prec, **gc), c2, dev)
-    return out, z, lse1, lse2
+    return out, z, stat1, stat2
 
 
-def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale2, bias2, out, z, lse1, lse2):
+def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1, scale2, bias2, out, z, stat1, stat2):
     B, L, C, d = _check_inputs(qkv, nh)
     D = head_pad(d)
     dev = qkv.device
@@ -356,10 +358,10 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     delta2 = torch.empty((BWH, N1), dtype=torch.float32, device=dev)
     dtau2 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
     _launch("stripe_bwd_tokens2", (BWH, tblocks),
-            (qkv, anchor, s2, b2, z, out, grad, lse2, delta2, dqkv, dtau2,
+            (qkv, anchor, s2, b2, z, out, grad, stat2, delta2, dqkv, dtau2,
              *qs, *as_, *os_, *gs, *dqkv.stride(), *geo),
             dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **gc), ct, dev)
-    dbias2 = _bias_grad("stripe_bwd_bias2_partial", (qkv, anchor, s2, b2, z, grad, lse2, delta2), (*qs, *as_, *gs),
+    dbias2 = _bias_grad("stripe_bwd_bias2_partial", (qkv, anchor, s2, b2, z, grad, stat2, delta2), (*qs, *as_, *gs),
                         geo, gc, B * nW, nh, N1, N2, D, qkv.dtype, prec, (g.sh, g.sw, g.ah, g.aw, g.ah - 1, g.aw - 1,
                                                                        g.table_w), R, bias2, dev)
 
@@ -370,7 +372,7 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     dzp = torch.empty((n_splits, BWH, N2, D), dtype=torch.float32, device=dev)
     dap2 = torch.empty_like(dzp)
     _launch("stripe_bwd_anchors2", (BWH, ablocks, n_splits),
-            (qkv, anchor, s2, b2, z, grad, lse2, delta2, dzp, dap2, *qs, *as_, *gs, *geo, per, BWH),
+            (qkv, anchor, s2, b2, z, grad, stat2, delta2, dzp, dap2, *qs, *as_, *gs, *geo, per, BWH),
             dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec, **gc), ca, dev)
     dz = dzp.sum(0) if n_splits > 1 else dzp[0]
     del dzp
@@ -379,7 +381,7 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     # 3. anchors, stage 1: the rest of d(a_hat); then through F.normalize into (B, H/f, W/f, C)
     dap1 = torch.empty_like(dap2)
     _launch("stripe_bwd_anchors1", (BWH, ablocks, n_splits),
-            (qkv, anchor, s1, b1, dz, delta1, lse1, dap1, *qs, *as_, *geo, per, BWH),
+            (qkv, anchor, s1, b1, dz, delta1, stat1, dap1, *qs, *as_, *geo, per, BWH),
             dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec, **gc), ca, dev)
     dah = (dap1 + dap2).sum(0) if n_splits > 1 else dap1[0] + dap2[0]
     del dap1, dap2
@@ -390,9 +392,9 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
     # 4. tokens, stage 1: dk, dv, tau1 gradient; then the bias1 gradient
     dtau1 = torch.empty((BWH, tblocks), dtype=torch.float32, device=dev)
     _launch("stripe_bwd_tokens1", (BWH, tblocks),
-            (qkv, anchor, s1, b1, dz, delta1, lse1, dqkv, dtau1, *qs, *as_, *dqkv.stride(), *geo),
+            (qkv, anchor, s1, b1, dz, delta1, stat1, dqkv, dtau1, *qs, *as_, *dqkv.stride(), *geo),
             dict(D=D, BM=ct.BM, BN=ct.BN, PREC=prec, **gc), ct, dev)
-    dbias1 = _bias_grad("stripe_bwd_bias1_partial", (qkv, anchor, s1, b1, dz, lse1, delta1), (*qs, *as_),
+    dbias1 = _bias_grad("stripe_bwd_bias1_partial", (qkv, anchor, s1, b1, dz, stat1, delta1), (*qs, *as_),
                         geo, gc, B * nW, nh, N2, N1, D, qkv.dtype, prec, (g.ah, g.aw, g.sh, g.sw, g.sh - 1, g.sw - 1,
                                                                        g.table_w), R, bias1, dev)
 
@@ -411,17 +413,17 @@ def window_forward(qkv, g: WindowGeometry, nh: int, scale, bias):
     N = g.n
     BWH = B * g.num_windows * nh
     out = _activation((B, L, C), qkv.dtype, dev)
-    lse = torch.empty((BWH, N), dtype=torch.float32, device=dev)
+    stat = torch.empty((BWH, N, 2), dtype=torch.float32, device=dev)
     c = choose_config("fwd", N, N, D, qkv.dtype, device_arch(dev))
     gc = window_geo_constexprs(g, d, row_align(qkv, out))
     _launch("window_fwd", (BWH, -(-N // c.BM)),
-            (qkv, _scale_arg(scale), _bias_arg(bias), out, lse, *qkv.stride(), *out.stride(),
+            (qkv, _scale_arg(scale), _bias_arg(bias), out, stat, *qkv.stride(), *out.stride(),
              *window_geo_args(g, nh, d)),
             dict(D=D, BM=c.BM, BN=c.BN, PREC=_dot_precision(qkv.dtype), **gc), c, dev)
-    return out, lse
+    return out, stat
 
 
-def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse):
+def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, stat):
     B, L, C, d = _check_inputs(qkv, nh)
     D = head_pad(d)
     dev = qkv.device
@@ -438,14 +440,14 @@ def window_backward(grad, qkv, g: WindowGeometry, nh: int, scale, bias, out, lse
     qblocks = -(-N // c.BM)
     dtau = torch.empty((BWH, qblocks), dtype=torch.float32, device=dev)
     _launch("window_bwd_dq", (BWH, qblocks),
-            (qkv, sc, bi, out, grad, lse, delta, dqkv, dtau,
+            (qkv, sc, bi, out, grad, stat, delta, dqkv, dtau,
              *qkv.stride(), *out.stride(), *grad.stride(), *dqkv.stride(), *geo),
             dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, **gc), c, dev)
     _launch("window_bwd_dkv", (BWH, qblocks),
-            (qkv, sc, bi, grad, lse, delta, dqkv, *qkv.stride(), *grad.stride(), *dqkv.stride(), *geo),
+            (qkv, sc, bi, grad, stat, delta, dqkv, *qkv.stride(), *grad.stride(), *dqkv.stride(), *geo),
             dict(D=D, BM=c.BM, BN=c.BN, PREC=prec, **gc), c, dev)
     ws = g.ws
-    dbias = _bias_grad("window_bwd_bias_partial", (qkv, sc, bi, grad, lse, delta),
+    dbias = _bias_grad("window_bwd_bias_partial", (qkv, sc, bi, grad, stat, delta),
                        (*qkv.stride(), *grad.stride()),
                        geo, gc, B * nW, nh, N, N, D, qkv.dtype, prec, (ws, ws, ws, ws, ws - 1, ws - 1, g.table_side),
                        g.table_rows, bias, dev)

@@ -1,8 +1,11 @@
 """Backward kernels of anchored stripe attention (FlashAttention-2 style, from saved stats).
 
-Saved by the forward: Y (the output), Z (float32, N2 x D per window/head), the
-log-sum-exps of both stages (log2 units). With P2 = softmax(S2), Y = P2 Z and
-P1 = softmax(S1), Z = P1 V, and dS = P * (dP - rowsum(dO * O)):
+Saved by the forward: Y (the output), Z (float32, N2 x D per window/head), the row
+statistics of both stages ((m, l) per softmax row, common.store_stats). With
+P2 = softmax(S2), Y = P2 Z and P1 = softmax(S1), Z = P1 V, and dS = P * (dP - rowsum(dO * O)).
+Every kernel recomputes P = exp2(s - m) * (1 / l) from s with the forward's bits (logits, or
+logits_t where the kernel's rows are the forward's columns: stages 2 in ``stripe_bwd_anchors2``,
+1 in ``stripe_bwd_tokens1``):
 
 1. ``stripe_bwd_tokens2`` (token blocks, loop over anchors): Delta2 = rowsum(dY * Y),
    dq and the tau2 partials.
@@ -22,14 +25,14 @@ import triton
 import triton.language as tl
 
 from .common import (
-    EPS, LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, load_ws, logits, mma,
+    EPS, LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, load_stats, load_ws, logits, logits_t, mma,
     normalize_bwd, row_norm, unit_rows, store_rows, store_ws,
 )
 
 
 @triton.jit
 def stripe_bwd_tokens2(
-    QKV, ANC, SCALE, BIAS, Z, OUT, DOUT, LSE, DELTA, DQKV, DTAU,
+    QKV, ANC, SCALE, BIAS, Z, OUT, DOUT, STAT, DELTA, DQKV, DTAU,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_ob, s_ol, s_oc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
     H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
@@ -62,7 +65,7 @@ def stripe_bwd_tokens2(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tok = pid.to(tl.int64) * N1 + j
     tl.store(DELTA + tok, delta, mask=vj)
-    lse = tl.load(LSE + tok, mask=vj, other=0.0)
+    m, inv_l = load_stats(STAT, tok, vj)
 
     dqh = tl.zeros([BM, D], tl.float32)
     dtau = tl.zeros([BM], tl.float32)
@@ -75,7 +78,7 @@ def stripe_bwd_tokens2(
         inv_na = inv_norm(a)
         r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
         s, raw = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
         z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
         dp = mma(do, tl.trans(z), PREC)
         ds = p * (dp - delta[:, None])
@@ -89,7 +92,7 @@ def stripe_bwd_tokens2(
 
 @triton.jit
 def stripe_bwd_anchors2(
-    QKV, ANC, SCALE, BIAS, Z, DOUT, LSE, DELTA, DZP, DAP,
+    QKV, ANC, SCALE, BIAS, Z, DOUT, STAT, DELTA, DZP, DAP,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_gb, s_gl, s_gc,
     H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     blocks_per_split, BWH,
@@ -117,7 +120,6 @@ def stripe_bwd_anchors2(
     aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
     a = load_rows(ANC + tl.multiple_of(b64 * s_ab, AL), aoff, h * d, s_ac, d, vi, D, AL)
     inv_na = inv_norm(a)
-    sa = inv_na * (tau * LOG2E)
     zi = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
 
     dz = tl.zeros([BM, D], tl.float32)
@@ -132,11 +134,11 @@ def stripe_bwd_anchors2(
         q = load_rows(qkv_b, tl.multiple_of(tpos * s_ql, AL), h * d, s_qc, d, vj, D, AL)
         inv_nq = inv_norm(q)
         r = (ty[None, :] - au[:, None] + ah - 1) * Rw + (tx[None, :] - av[:, None] + aw - 1)
-        s, _ = logits(a, sa, q, inv_nq, bias_h, r, aid, tid, vi, vj, PREC)
+        s, _ = logits_t(a, inv_na, q, inv_nq * (tau * LOG2E), bias_h, r, aid, tid, vi, vj, PREC)
         tok = pid.to(tl.int64) * N1 + j
-        lse = tl.load(LSE + tok, mask=vj, other=0.0)
+        m, inv_l = load_stats(STAT, tok, vj)
         delta = tl.load(DELTA + tok, mask=vj, other=0.0)
-        p = tl.exp2(s - lse[None, :])
+        p = tl.exp2(s - m[None, :]) * inv_l[None, :]
         do = load_rows(dout_b, tl.multiple_of(tpos * s_gl, AL), h * d, s_gc, d, vj, D, AL).to(DT)
         dz += mma(p.to(DT), do, PREC)
         dp = mma(zi, tl.trans(do), PREC)
@@ -150,7 +152,7 @@ def stripe_bwd_anchors2(
 
 @triton.jit
 def stripe_bwd_anchors1(
-    QKV, ANC, SCALE, BIAS, DZ, DELTA, LSE, DAP,
+    QKV, ANC, SCALE, BIAS, DZ, DELTA, STAT, DAP,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac,
     H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     blocks_per_split, BWH,
@@ -181,7 +183,7 @@ def stripe_bwd_anchors1(
     arow = pid.to(tl.int64) * N2 + i
     dzi = load_ws(DZ, arow, vi, D).to(DT)
     delta = tl.load(DELTA + arow, mask=vi, other=0.0)
-    lse = tl.load(LSE + arow, mask=vi, other=0.0)
+    m, inv_l = load_stats(STAT, arow, vi)
 
     dah = tl.zeros([BM, D], tl.float32)
     blk0 = pid_s * blocks_per_split
@@ -196,7 +198,7 @@ def stripe_bwd_anchors1(
         inv_nk = inv_norm(k)
         r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
         s, _ = logits(a, sa, k, inv_nk, bias_h, r, aid, tid, vi, vj, PREC)
-        p = tl.exp2(s - lse[:, None])
+        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
         dp = mma(dzi, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
         dah += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
@@ -235,7 +237,7 @@ def stripe_bwd_anchor_finalize(
 
 @triton.jit
 def stripe_bwd_tokens1(
-    QKV, ANC, SCALE, BIAS, DZ, DELTA, LSE, DQKV, DTAU,
+    QKV, ANC, SCALE, BIAS, DZ, DELTA, STAT, DQKV, DTAU,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_db, s_dl, s_dc,
     H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
@@ -263,7 +265,6 @@ def stripe_bwd_tokens1(
     v = load_rows(qkv_b, tl.multiple_of(tpos * s_ql, AL), 2 * C + h * d, s_qc, d, vj, D, AL)
     nk = row_norm(k)
     inv_nk = 1.0 / tl.maximum(nk, EPS)
-    sk = inv_nk * (tau * LOG2E)
 
     dkh = tl.zeros([BM, D], tl.float32)
     dv = tl.zeros([BM, D], tl.float32)
@@ -276,11 +277,11 @@ def stripe_bwd_tokens1(
         a = load_rows(anc_b, aoff, h * d, s_ac, d, vi, D, AL)
         inv_na = inv_norm(a)
         r = (au[None, :] - ty[:, None] + sh - 1) * Rw + (av[None, :] - tx[:, None] + sw - 1)
-        s, raw = logits(k, sk, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
+        s, raw = logits_t(k, inv_nk, a, inv_na * (tau * LOG2E), bias_h, r, tid, aid, vj, vi, PREC)
         arow = pid.to(tl.int64) * N2 + i
-        lse = tl.load(LSE + arow, mask=vi, other=0.0)
+        m, inv_l = load_stats(STAT, arow, vi)
         delta = tl.load(DELTA + arow, mask=vi, other=0.0)
-        p = tl.exp2(s - lse[None, :])
+        p = tl.exp2(s - m[None, :]) * inv_l[None, :]
         dz = load_ws(DZ, arow, vi, D).to(DT)
         dv += mma(p.to(DT), dz, PREC)
         dp = mma(v, tl.trans(dz), PREC)

@@ -3,9 +3,11 @@
 Stage 1 (anchors attend to the window's tokens, N1 up to 10368) is split over token
 blocks, flash-decoding style: ``stripe_fwd_anchor_partial`` writes per-split
 (unnormalised accumulator, running max, running sum) and ``stripe_fwd_combine`` merges
-them into Z (N2 x D per window and head, float32) and the stage-1 log-sum-exp.
+them into Z (N2 x D per window and head, float32) and the stage-1 row statistics.
 Stage 2 (``stripe_fwd_tokens``): every program takes a block of tokens, loops over the
-window's anchors (N2 <= 648), and writes its rows of Y straight into (B, H*W, C).
+window's anchors (N2 <= 648), and writes its rows of Y straight into (B, H*W, C), and the
+stage-2 row statistics. Row statistics (common.store_stats): (BWH, rows, 2) float32, the row
+max m in log2 units and l = sum exp2(s - m); the backward recomputes P = exp2(s - m) / l.
 
 Geometry arguments, in this order in every stripe kernel (see launcher.stripe_geo_args):
 H, W, th, tw (token roll), mth, mtw (token mask shifts: 0 when not shifted), Ha, Wa, tah, taw,
@@ -19,7 +21,7 @@ import triton.language as tl
 
 from .common import (
     LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, load_ws, logits, online_softmax_step,
-    store_rows, store_ws,
+    store_rows, store_stats, store_ws,
 )
 
 
@@ -77,8 +79,9 @@ def stripe_fwd_anchor_partial(
 
 
 @triton.jit
-def stripe_fwd_combine(ACC, MS, LS, Z, LSE, N2, n_splits, D: tl.constexpr, BM: tl.constexpr):
-    """Merge the split partials: Z = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m)."""
+def stripe_fwd_combine(ACC, MS, LS, Z, STAT, N2, n_splits, D: tl.constexpr, BM: tl.constexpr):
+    """Merge the split partials: Z = sum_s w_s acc_s / l, w_s = 2^(m_s - m), m = max_s m_s,
+    l = sum_s w_s l_s; stores the row statistics (m, l) of stage 1."""
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     i = pid_m * BM + tl.arange(0, BM)
@@ -95,12 +98,12 @@ def stripe_fwd_combine(ACC, MS, LS, Z, LSE, N2, n_splits, D: tl.constexpr, BM: t
         acc += w[:, None] * load_ws(ACC, base + s * N2, vi, D)
     row = pid.to(tl.int64) * N2 + i
     store_ws(Z, row, vi, acc / l[:, None], D)
-    tl.store(LSE + row, mmax + tl.log2(l), mask=vi)
+    store_stats(STAT, row, vi, mmax, l)
 
 
 @triton.jit
 def stripe_fwd_tokens(
-    QKV, ANC, SCALE, BIAS, Z, OUT, LSE,
+    QKV, ANC, SCALE, BIAS, Z, OUT, STAT,
     s_qb, s_ql, s_qc, s_ab, s_ah, s_aw, s_ac, s_ob, s_ol, s_oc,
     H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
@@ -144,4 +147,4 @@ def stripe_fwd_tokens(
 
     store_rows(OUT + tl.multiple_of(b.to(tl.int64) * s_ob, AL), tl.multiple_of(tpos * s_ol, AL), h * d, s_oc, d, vj,
                acc / l[:, None], D, AL)
-    tl.store(LSE + pid.to(tl.int64) * N1 + j, m + tl.log2(l), mask=vj)
+    store_stats(STAT, pid.to(tl.int64) * N1 + j, vj, m, l)

@@ -1,4 +1,9 @@
-"""Backward kernels of window attention (FlashAttention-2 style, from the saved log-sum-exp).
+"""Backward kernels of window attention (FlashAttention-2 style, from the saved row statistics).
+
+P is recomputed as exp2(s - m) * (1 / l) from the forward's (m, l) per query
+(common.store_stats) and s with the forward's bits (``logits_t`` in ``window_bwd_dkv``, whose
+rows are keys; ``window_bwd_dq``, whose rows are the queries, accumulates l * dS and applies
+1 / l once after its loop).
 
 ``window_bwd_dq`` (query blocks, loop over keys): Delta = rowsum(dO * O), dq and the tau
 partials (the bias-table gradient: bias_grad.py, without atomics). ``window_bwd_dkv`` (key blocks, loop over queries,
@@ -8,14 +13,14 @@ import triton
 import triton.language as tl
 
 from .common import (
-    EPS, LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, logits, mma, normalize_bwd,
-    row_norm, store_rows, unit_rows,
+    EPS, LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, load_stats, logits, logits_t, mma,
+    normalize_bwd, row_norm, store_rows, unit_rows,
 )
 
 
 @triton.jit
 def window_bwd_dq(
-    QKV, SCALE, BIAS, OUT, DOUT, LSE, DELTA, DQKV, DTAU,
+    QKV, SCALE, BIAS, OUT, DOUT, STAT, DELTA, DQKV, DTAU,
     s_qb, s_ql, s_qc, s_ob, s_ol, s_oc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
     H, W, t, nWw, nW, nh, R,
     ws: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
@@ -41,13 +46,14 @@ def window_bwd_dq(
     nq = row_norm(q)
     inv_nq = 1.0 / tl.maximum(nq, EPS)
     sq = inv_nq * (tau * LOG2E)
+    qrel = qy * Rw + qx + (ws - 1) * (Rw + 1)  # table row = qrel - (ky * Rw + kx), as in window_fwd
     do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(qpos * s_gl, AL), h * d, s_gc, d, vq, D,
                    AL).to(DT)
     o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq, D, AL)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = pid.to(tl.int64) * N + j
     tl.store(DELTA + row, delta, mask=vq)
-    lse = tl.load(LSE + row, mask=vq, other=0.0)
+    m, inv_l = load_stats(STAT, row, vq)
 
     dqh = tl.zeros([BM, D], tl.float32)
     dtau = tl.zeros([BM], tl.float32)
@@ -59,22 +65,23 @@ def window_bwd_dq(
         k = load_rows(qkv_b, tl.multiple_of(koff, AL), C + h * d, s_qc, d, vk, D, AL)
         v = load_rows(qkv_b, tl.multiple_of(koff, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
         inv_nk = inv_norm(k)
-        r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
+        r = qrel[:, None] - (ky * Rw + kx)[None, :]
         s, raw = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
-        p = tl.exp2(s - lse[:, None])
+        # l * P = exp2(s - m) and l * dS: the row factor 1 / l is applied once, after the loop
+        p = tl.exp2(s - m[:, None])
         dp = mma(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
         dtau += tl.sum(ds * raw * inv_nk[None, :], 1) * inv_nq
         dqh += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
 
-    dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
+    dq = normalize_bwd(q, inv_nq, nq, dqh * (tau * inv_l)[:, None])
     store_rows(DQKV + tl.multiple_of(b64 * s_db, AL), tl.multiple_of(qpos * s_dl, AL), h * d, s_dc, d, vq, dq, D, AL)
-    tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau, 0))
+    tl.store(DTAU + pid.to(tl.int64) * tl.num_programs(1) + pid_m, tl.sum(dtau * inv_l, 0))
 
 
 @triton.jit
 def window_bwd_dkv(
-    QKV, SCALE, BIAS, DOUT, LSE, DELTA, DQKV,
+    QKV, SCALE, BIAS, DOUT, STAT, DELTA, DQKV,
     s_qb, s_ql, s_qc, s_gb, s_gl, s_gc, s_db, s_dl, s_dc,
     H, W, t, nWw, nW, nh, R,
     ws: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
@@ -101,7 +108,6 @@ def window_bwd_dkv(
     v = load_rows(qkv_b, tl.multiple_of(kpos * s_ql, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
     nk = row_norm(k)
     inv_nk = 1.0 / tl.maximum(nk, EPS)
-    sk = inv_nk * (tau * LOG2E)
 
     dkh = tl.zeros([BM, D], tl.float32)
     dv = tl.zeros([BM, D], tl.float32)
@@ -113,11 +119,11 @@ def window_bwd_dkv(
         q = load_rows(qkv_b, tl.multiple_of(qpos * s_ql, AL), h * d, s_qc, d, vq, D, AL)
         inv_nq = inv_norm(q)
         r = (qy[None, :] - ky[:, None] + ws - 1) * Rw + (qx[None, :] - kx[:, None] + ws - 1)
-        s, _ = logits(k, sk, q, inv_nq, bias_h, r, kid, qid, vk, vq, PREC)
+        s, _ = logits_t(k, inv_nk, q, inv_nq * (tau * LOG2E), bias_h, r, kid, qid, vk, vq, PREC)
         row = pid.to(tl.int64) * N + j
-        lse = tl.load(LSE + row, mask=vq, other=0.0)
+        m, inv_l = load_stats(STAT, row, vq)
         delta = tl.load(DELTA + row, mask=vq, other=0.0)
-        p = tl.exp2(s - lse[None, :])
+        p = tl.exp2(s - m[None, :]) * inv_l[None, :]
         do = load_rows(dout_b, tl.multiple_of(qpos * s_gl, AL), h * d, s_gc, d, vq, D, AL).to(DT)
         dv += mma(p.to(DT), do, PREC)
         dp = mma(v, tl.trans(do), PREC)

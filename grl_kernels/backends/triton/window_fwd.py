@@ -3,7 +3,8 @@
 One program per (batch, window, head, block of queries); it loops over the window's
 keys (N = ws*ws <= 1296) with an online softmax, reading q/k/v in place from qkv
 (token j of window n at geometry.token_position) and writing Y straight into
-(B, H*W, C), plus the per-row log-sum-exp (log2 units) for the backward.
+(B, H*W, C), plus the row statistics for the backward (common.store_stats: (BWH, N, 2)
+float32, the row max m in log2 units and l = sum exp2(s - m)).
 
 Geometry arguments, in this order in every window kernel (see launcher.window_geo_args):
 H, W, t (shift, also the mask shift), nWw, nW, nh, R; compiled in (constexpr): ws, d, AL, and
@@ -13,13 +14,13 @@ import triton
 import triton.language as tl
 
 from .common import (
-    LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, logits, online_softmax_step, store_rows,
+    LOG2E, decode_bwh, grid_tile, inv_norm, load_rows, logits, online_softmax_step, store_rows, store_stats,
 )
 
 
 @triton.jit
 def window_fwd(
-    QKV, SCALE, BIAS, OUT, LSE,
+    QKV, SCALE, BIAS, OUT, STAT,
     s_qb, s_ql, s_qc, s_ob, s_ol, s_oc,
     H, W, t, nWw, nW, nh, R,
     ws: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
@@ -43,6 +44,9 @@ def window_fwd(
     q = load_rows(qkv_b, tl.multiple_of(qpos * s_ql, AL), h * d, s_qc, d, vq, D, AL)
     inv_nq = inv_norm(q)
     sq = inv_nq * (tau * LOG2E)
+    # table row of (query, key) = (qy - ky + ws - 1) * Rw + (qx - kx + ws - 1), split into a
+    # per-query and a per-key term: one subtraction per pair, one live vector per side
+    qrel = qy * Rw + qx + (ws - 1) * (Rw + 1)
 
     m = tl.full([BM], float("-inf"), tl.float32)
     l = tl.zeros([BM], tl.float32)
@@ -55,10 +59,10 @@ def window_fwd(
         k = load_rows(qkv_b, tl.multiple_of(koff, AL), C + h * d, s_qc, d, vk, D, AL)
         v = load_rows(qkv_b, tl.multiple_of(koff, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
         inv_nk = inv_norm(k)
-        r = (qy[:, None] - ky[None, :] + ws - 1) * Rw + (qx[:, None] - kx[None, :] + ws - 1)
+        r = qrel[:, None] - (ky * Rw + kx)[None, :]
         s, _ = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
         m, l, acc = online_softmax_step(m, l, acc, s, v, DT, PREC)
 
     store_rows(OUT + tl.multiple_of(b.to(tl.int64) * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq,
                acc / l[:, None], D, AL)
-    tl.store(LSE + pid.to(tl.int64) * N + j, m + tl.log2(l), mask=vq)
+    store_stats(STAT, pid.to(tl.int64) * N + j, vq, m, l)
