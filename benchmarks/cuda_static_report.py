@@ -177,6 +177,7 @@ def markdown(rows: List[Dict], before: Optional[List[Dict]], arch: int, rev: Opt
     bwd32 = [e for e in rows if "backward" in e["kernel"] and (e["maxd"] or 0) <= 32]
     lines += ["", f"Gates: forward kernels with spills: {sum(e['spill_stores'] > 0 for e in fwd)}; "
               f"backward kernels at head dim <= 32 with spills: {sum(e['spill_stores'] > 0 for e in bwd32)}; "
+              f"kernels with spills at any head dim: {sum(e['spill_stores'] > 0 for e in rows)}; "
               f"most atomics in one kernel: {max((e['atomics'] or 0) for e in rows)}."]
     return "\n".join(lines) + "\n"
 

@@ -96,7 +96,9 @@ def test_static_resource_gates(nvcc_results, arch):
     # the bias / logit-scale gradient kernels (partials, reductions) and the row norms: no tiles
     rest = [k for k in kernels if "forward" not in k["kernel"] and "backward" not in k["kernel"]]
     assert fwd and bwd and any("bias_partial" in k["kernel"] for k in rest)
-    spilling = [(k["kernel"], k["dtype"], k["maxd"], k["spill_stores"]) for k in fwd + bwd + rest if k["spill_stores"]]
+    # every kernel, head dim 64 included (the backward kernels re-read their input rows there:
+    # row_elem / reread in grl_cuda_common.cuh)
+    spilling = [(k["kernel"], k["dtype"], k["maxd"], k["spill_stores"]) for k in kernels if k["spill_stores"]]
     assert not spilling, f"kernels that spill on {arch}: {spilling}"
     assert all(k["shared_bytes"] <= 48 * 1024 for k in kernels)
 

@@ -96,9 +96,9 @@ __device__ __forceinline__ float row_elem(const float (&tile)[MAXD], const T* p,
 // reads through it after the dot products of a column kernel are new loads (L1 hits) instead
 // of the two walked rows kept in registers, which at MAXD 64 would not fit next to two
 // accumulator tiles. Only at MAXD 64; nothing is emitted.
-template <int MAXD, typename P>
+template <int MAXD, bool kOn = true, typename P>
 __device__ __forceinline__ P* reread(P* p) {
-  if constexpr (kStreamRow<MAXD>) {
+  if constexpr (kOn && kStreamRow<MAXD>) {
 #if defined(GRL_CUDA_EMU)
     asm volatile("" : "+r"(p));
 #else

@@ -312,8 +312,10 @@ __global__ void stage1_backward_tokens(StripeProblem p, StripeSaved s, StripeGra
       cs *= ik;
       const float pi = row_prob(tau * cs + bias[aoff] + mask_of(g, aid, tid), st1[2 * i], st1[2 * i + 1]);
       const float wt = tau * (pi * (dp - d1[i])) * ia;
-      const T* ap2 = reread<MAXD>(ap);
-      const float* dzr2 = reread<MAXD>(dzr);
+      // (not for float32 rows: ptxas then spills more, 20 B instead of 12 B, sm_90)
+      constexpr bool kReread = !std::is_same<T, float>::value;
+      const T* ap2 = reread<MAXD, kReread>(ap);
+      const float* dzr2 = reread<MAXD, kReread>(dzr);
 #pragma unroll
       for (int c = 0; c < MAXD; ++c)
         if (c < d) {
