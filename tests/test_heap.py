@@ -42,8 +42,8 @@ def test_heap_cache_reuses_blocks_and_gives_them_back():
         _touch()  # the first uses grow the heap (the first reuse may still fault when brk had to move)
         _touch()
         inside = min(_faults(_touch) for _ in range(3))
-        with heap.heap_cache():  # nested: no change
-            inside_nested = _faults(_touch)
+        with heap.heap_cache():  # nested: no change (min of 3 as above: CI once saw one full re-fault)
+            inside_nested = min(_faults(_touch) for _ in range(3))
         assert heap.active()
     assert not heap.active()
     assert inside < PAGES // 20, f"inside the cache the freed block should be reused: {inside} faults"
