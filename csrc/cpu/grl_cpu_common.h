@@ -10,10 +10,10 @@
 // passed transposed as (nh, R) contiguous in the accumulation type.
 //
 // Work split: one task = (batch, window, head). Nothing of size N1 x N2 is stored:
-// stage 1 streams token blocks with an online softmax (saving Z and the row
-// log-sum-exp for the backward), stage 2 and window rows are complete (N2 / N
+// stage 1 streams token blocks with an online softmax (saving Z and the rows'
+// (max, 1 / sum) for the backward), stage 2 and window rows are complete (N2 / N
 // entries) and use an exact softmax. The backward recomputes probabilities from
-// the saved log-sum-exp (stage 1) or the logits (stage 2, window). Per-head grads
+// the saved row statistics (stage 1) or the logits (stage 2, window). Per-head grads
 // of tau and of the bias tables are accumulated per worker chunk, then summed.
 #pragma once
 
@@ -142,7 +142,7 @@ std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& 
                                        const std::vector<int64_t>& geom, int64_t nh);
 std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& anchor,
                                         const at::Tensor& tau1, const at::Tensor& bias1, const at::Tensor& tau2,
-                                        const at::Tensor& bias2, const at::Tensor& zsave, const at::Tensor& lsesave,
+                                        const at::Tensor& bias2, const at::Tensor& zsave, const at::Tensor& stat1save,
                                         const std::vector<int64_t>& geom, int64_t nh);
 std::vector<at::Tensor> window_forward(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor& bias,
                                        const std::vector<int64_t>& geom, int64_t nh);

@@ -43,26 +43,26 @@ namespace {
 
 template <typename scalar_t, typename acc_t>
 void stripe_forward_dispatch(const StripeArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, scalar_t* out, acc_t* z,
-                             acc_t* lse) {
+                             acc_t* stat1) {
   switch (isa_level()) {
 #if GRL_X86
-    case 2: return isa_avx512::stripe_forward_range(A, t0, t1, out, z, lse);
-    case 1: return isa_avx2::stripe_forward_range(A, t0, t1, out, z, lse);
+    case 2: return isa_avx512::stripe_forward_range(A, t0, t1, out, z, stat1);
+    case 1: return isa_avx2::stripe_forward_range(A, t0, t1, out, z, stat1);
 #endif
-    default: return isa_base::stripe_forward_range(A, t0, t1, out, z, lse);
+    default: return isa_base::stripe_forward_range(A, t0, t1, out, z, stat1);
   }
 }
 
 template <typename scalar_t, typename acc_t>
 void stripe_backward_dispatch(const StripeArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, const scalar_t* go,
-                              const acc_t* z, const acc_t* lse, scalar_t* gq, scalar_t* ga, acc_t* dt1, acc_t* rdb1,
+                              const acc_t* z, const acc_t* stat1, scalar_t* gq, scalar_t* ga, acc_t* dt1, acc_t* rdb1,
                               acc_t* dt2, acc_t* rdb2) {
   switch (isa_level()) {
 #if GRL_X86
-    case 2: return isa_avx512::stripe_backward_range(A, t0, t1, go, z, lse, gq, ga, dt1, rdb1, dt2, rdb2);
-    case 1: return isa_avx2::stripe_backward_range(A, t0, t1, go, z, lse, gq, ga, dt1, rdb1, dt2, rdb2);
+    case 2: return isa_avx512::stripe_backward_range(A, t0, t1, go, z, stat1, gq, ga, dt1, rdb1, dt2, rdb2);
+    case 1: return isa_avx2::stripe_backward_range(A, t0, t1, go, z, stat1, gq, ga, dt1, rdb1, dt2, rdb2);
 #endif
-    default: return isa_base::stripe_backward_range(A, t0, t1, go, z, lse, gq, ga, dt1, rdb1, dt2, rdb2);
+    default: return isa_base::stripe_backward_range(A, t0, t1, go, z, stat1, gq, ga, dt1, rdb1, dt2, rdb2);
   }
 }
 
@@ -112,7 +112,7 @@ std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& 
   const auto acc = acc_type_of(qkv.scalar_type());
   auto out = at::empty({B, g.H * g.W, C}, qkv.options());
   auto zsave = at::empty({B, g.num_windows, nh, g.n2, d}, qkv.options().dtype(acc));
-  auto lsesave = at::empty({B, g.num_windows, nh, g.n2, 2}, qkv.options().dtype(acc));  // rows' (m, 1/l)
+  auto stat1save = at::empty({B, g.num_windows, nh, g.n2, 2}, qkv.options().dtype(acc));  // rows' (m, 1/l)
   const int64_t tasks = B * g.num_windows * nh;
   const auto rb1 = reversed_bias(bias1), rb2 = reversed_bias(bias2);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "grl_stripe_forward", [&] {
@@ -120,15 +120,15 @@ std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& 
     const auto A = stripe_args<scalar_t, acc_t>(qkv, anchor, tau1, bias1, tau2, bias2, rb1, rb2, g, nh);
     scalar_t* o = out.data_ptr<scalar_t>();
     acc_t* z = zsave.data_ptr<acc_t>();
-    acc_t* lse = lsesave.data_ptr<acc_t>();
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { stripe_forward_dispatch(A, t0, t1, o, z, lse); });
+    acc_t* stat1 = stat1save.data_ptr<acc_t>();
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { stripe_forward_dispatch(A, t0, t1, o, z, stat1); });
   });
-  return {out, zsave, lsesave};
+  return {out, zsave, stat1save};
 }
 
 std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& anchor,
                                         const at::Tensor& tau1, const at::Tensor& bias1, const at::Tensor& tau2,
-                                        const at::Tensor& bias2, const at::Tensor& zsave, const at::Tensor& lsesave,
+                                        const at::Tensor& bias2, const at::Tensor& zsave, const at::Tensor& stat1save,
                                         const std::vector<int64_t>& geom, int64_t nh) {
   const StripeGeom g = stripe_from(geom);
   check_stripe(qkv, anchor, tau1, bias1, tau2, bias2, g, nh);
@@ -138,8 +138,8 @@ std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Te
                   grad_out.numel() == B * g.H * g.W * C,
               "grl cpu kernels: grad_out must be a contiguous (B, H*W, C) tensor of qkv's dtype");
   TORCH_CHECK(zsave.is_contiguous() && zsave.numel() == B * g.num_windows * nh * g.n2 * d &&
-                  lsesave.is_contiguous() && lsesave.numel() == B * g.num_windows * nh * g.n2 * 2 &&
-                  zsave.scalar_type() == acc && lsesave.scalar_type() == acc,
+                  stat1save.is_contiguous() && stat1save.numel() == B * g.num_windows * nh * g.n2 * 2 &&
+                  zsave.scalar_type() == acc && stat1save.scalar_type() == acc,
               "grl cpu kernels: saved stripe forward state does not match the geometry");
   auto gqkv = at::empty({B, g.H * g.W, 3 * C}, qkv.options());
   auto ganc = at::empty({B, g.Ha, g.Wa, C}, qkv.options());
@@ -153,7 +153,7 @@ std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Te
     const auto A = stripe_args<scalar_t, acc_t>(qkv, anchor, tau1, bias1, tau2, bias2, rb1, rb2, g, nh);
     const scalar_t* go = grad_out.data_ptr<scalar_t>();
     const acc_t* z = zsave.data_ptr<acc_t>();
-    const acc_t* lse = lsesave.data_ptr<acc_t>();
+    const acc_t* stat1 = stat1save.data_ptr<acc_t>();
     scalar_t* gq = gqkv.data_ptr<scalar_t>();
     scalar_t* ga = ganc.data_ptr<scalar_t>();
     acc_t* dt = dtau.data_ptr<acc_t>();
@@ -162,7 +162,7 @@ std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Te
     for_chunk_ranges(tasks, chunks, [&](int64_t ch, int64_t t0, int64_t t1) {
       acc_t* dtc = dt + ch * 2 * nh;
       acc_t* dbc = db + ch * 2 * nh * R;
-      stripe_backward_dispatch(A, t0, t1, go, z, lse, gq, ga, dtc, dbc, dtc + nh, dbc + nh * R);
+      stripe_backward_dispatch(A, t0, t1, go, z, stat1, gq, ga, dtc, dbc, dtc + nh, dbc + nh * R);
     });
   });
   auto dt_sum = dtau.sum(0);

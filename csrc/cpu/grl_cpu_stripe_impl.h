@@ -169,7 +169,7 @@ GRL_INLINE void load_tokens(const StripeArgs<scalar_t, acc_t>& A, const TokenBlo
 
 template <typename scalar_t, typename acc_t>
 void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, scalar_t* out, acc_t* zsave,
-                         acc_t* lsesave) {
+                         acc_t* stat1save) {
   using T = typename OpType<scalar_t, acc_t>::T;  // product type of the tiles
   using Lay = OpLayout<T>;
   constexpr bool kInPlace = std::is_same<T, acc_t>::value;  // probabilities stay in the logit buffer
@@ -223,7 +223,7 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
     gemm_op<acc_t, acc_t>(n2, dp, nb, S.data(), kBlock, vB.data(), dp, Z.data(), dp, true);  // Z += P v
   }
   acc_t* zs = zsave + task * n2 * d;
-  acc_t* st = lsesave + task * n2 * 2;  // the rows' (m, 1/l): the backward's P = exp(s - m) / l
+  acc_t* st = stat1save + task * n2 * 2;  // the rows' (m, 1/l): the backward's P = exp(s - m) / l
   for (int64_t i = 0; i < n2; ++i) {
     const acc_t inv = acc_t(1) / l[i];
     st[2 * i] = m[i];
@@ -261,7 +261,7 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
 // rdb1 / rdb2: this chunk's bias gradients in REVERSED table order (the driver flips them).
 template <typename scalar_t, typename acc_t>
 void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout,
-                          const acc_t* zsave, const acc_t* lsesave, scalar_t* gqkv, scalar_t* ganc,
+                          const acc_t* zsave, const acc_t* stat1save, scalar_t* gqkv, scalar_t* ganc,
                           acc_t* dtau1, acc_t* rdbias1, acc_t* dtau2, acc_t* rdbias2) {
   const StripeGeom& g = A.g;
   const int64_t d = A.d, dp = pad16(d), n1 = g.n1, n2 = g.n2, C = A.C, L = g.H * g.W, R = g.table_rows;
@@ -277,7 +277,7 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
       xb(kBlock * dp, acc_t(0)), xn(kBlock), dYb(kBlock * dp, acc_t(0)), dXb(kBlock * dp), dVb(kBlock * dp),
       vT(d * kBlock), cs(std::max(kBlock * n2, n2 * kBlock)), P(n2 * kBlock), dP(n2 * kBlock);
   const acc_t* Z = zsave + task * n2 * d;
-  const acc_t* st = lsesave + task * n2 * 2;  // rows' (m, 1/l) of stage 1
+  const acc_t* st = stat1save + task * n2 * 2;  // rows' (m, 1/l) of stage 1
   for (int64_t i = 0; i < n2; ++i)
     for (int64_t c = 0; c < d; ++c) ZT[c * n2 + i] = Z[i * d + c];
   double dt1 = 0, dt2 = 0;  // long sums with cancellation: rows in acc_t, totals in double
@@ -335,12 +335,13 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
     for (int64_t c = 0; c < d; ++c) aA[i * dk + c] = Lay::from(AR.ahat[i * dp + c]);
   // One token block: k_hat rows (xb, |k| in xn), v^T, the cosines (cs), the probabilities (P)
   // and dP = dZ v^T of every anchor row.
-  auto block = [&](int64_t jb) {
+  auto block = [&](int64_t jb, bool khat) {  // khat: also the k_hat rows (not needed to sum D1 alone)
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
     gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
       kinv[jj] = inv_norm(r, d);
       for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = Lay::from(r[c]);
+      if (!khat) return;
       acc_t* kh = xb.data() + jj * dp;  // k_hat row (and |k|) for the gradient products
       for (int64_t c = 0; c < d; ++c) kh[c] = r[c];
       xn[jj] = normalize_inplace(kh, d);
@@ -382,7 +383,7 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
   {
     std::vector<double> dsum(n2, 0.0);
     for (int64_t jb = 0; jb < n1; jb += kBlock) {
-      const int64_t nb = block(jb);
+      const int64_t nb = block(jb, cached);
       for (int64_t i = 0; i < n2; ++i) dsum[i] += row_dot(P.data() + i * kBlock, dP.data() + i * kBlock, nb);
       if (cached) keep(jb / kBlock, true);
     }
@@ -395,7 +396,7 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
       nb = TB.nb;
       keep(jb / kBlock, false);
     } else {
-      nb = block(jb);
+      nb = block(jb, true);
     }
     for (int64_t jj = 0; jj < nb; ++jj) {
       scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
@@ -444,15 +445,15 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
 // Entry points of this ISA (explicitly instantiated below, inside the ISA's target region).
 template <typename scalar_t, typename acc_t>
 void stripe_forward_range(const StripeArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, scalar_t* out, acc_t* z,
-                          acc_t* lse) {
-  for (int64_t t = t0; t < t1; ++t) stripe_forward_task(A, t, out, z, lse);
+                          acc_t* stat1) {
+  for (int64_t t = t0; t < t1; ++t) stripe_forward_task(A, t, out, z, stat1);
 }
 
 template <typename scalar_t, typename acc_t>
 void stripe_backward_range(const StripeArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, const scalar_t* gout,
-                           const acc_t* z, const acc_t* lse, scalar_t* gqkv, scalar_t* ganc, acc_t* dt1, acc_t* rdb1,
+                           const acc_t* z, const acc_t* stat1, scalar_t* gqkv, scalar_t* ganc, acc_t* dt1, acc_t* rdb1,
                            acc_t* dt2, acc_t* rdb2) {
-  for (int64_t t = t0; t < t1; ++t) stripe_backward_task(A, t, gout, z, lse, gqkv, ganc, dt1, rdb1, dt2, rdb2);
+  for (int64_t t = t0; t < t1; ++t) stripe_backward_task(A, t, gout, z, stat1, gqkv, ganc, dt1, rdb1, dt2, rdb2);
 }
 
 #define GRL_STRIPE_INSTANTIATE(S, A_)                                                                            \
