@@ -90,6 +90,18 @@ MUTANTS: List[Mutant] = [
            "T* op = out + (t.b * L + pos) * p.C + t.h * d;",
            "T* op = out + static_cast<int>((t.b * L + pos) * p.C) + t.h * d;",
            "cuda window forward: output offset truncated to int", ("tests/test_large_offsets_cxx.py",)),
+    Mutant("cpu_out_offset_i32", "csrc/cpu/grl_cpu_window_impl.h",
+           "store_row(out + (b * g.H * g.W + I.pos[i0 + r]) * A.C + h * d, Y.data() + r * dp, d);",
+           "store_row(out + static_cast<int>((b * g.H * g.W + I.pos[i0 + r]) * A.C) + h * d, Y.data() + r * dp, d);",
+           "cpu window forward: output offset truncated to int", ("tests/test_large_offsets.py",)),
+    Mutant("cpu_stat1_offset_u32", "csrc/cpu/grl_cpu_stripe_impl.h",
+           "acc_t* st = stat1save + task * n2 * 2;  // the rows'",
+           "acc_t* st = stat1save + static_cast<uint32_t>(task * n2 * 2);  // the rows'",
+           "cpu stripe forward: saved stage-1 state offset truncated to uint32", ("tests/test_large_offsets.py",)),
+    Mutant("cpu_danchor_offset_i32", "csrc/cpu/grl_cpu_stripe_impl.h",
+           "store_row(ganc + (b * g.Ha * g.Wa + p) * C + h * d, dar, d);",
+           "store_row(ganc + static_cast<int>((b * g.Ha * g.Wa + p) * C + h * d), dar, d);",
+           "cpu stripe backward: d_anchor offset truncated to int", ("tests/test_large_offsets.py",)),
 ]
 
 # the fast files that target these bugs (the whole suite takes ~20 minutes per mutant)

@@ -6,9 +6,10 @@
   positions beyond 2^31 and their types (and the problem structs') by static_asserts; the build
   uses -Wconversion -Werror, so an implicit 64 -> 32-bit narrowing in the kernels fails it;
 - the CPU kernels (torch headers as system headers) compile cleanly under -Wconversion too.
-  Their reads through huge strides are tests/test_large_offsets.py; their outputs are contiguous
-  (B, H*W, C) tensors indexed (b * H*W + pos) * C in int64_t, which only a > 8 GiB output could
-  exercise at run time, so this static check stands in for it.
+  At run time, tests/test_large_offsets.py checks their reads through huge strides and their
+  writes (contiguous outputs, saved state and gradients of a huge batch in lazily mapped
+  buffers, only image 0's and image B-1's tasks run); this static check catches an implicit
+  narrowing anywhere, also in code those shapes do not reach.
 """
 import shutil
 import subprocess

@@ -131,6 +131,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_path", &grl::cpu::cpu_path, "the instruction-set path the kernels run (chosen at run time)");
   m.def("set_cpu_isa", &grl::cpu::set_cpu_isa,
         "force 'baseline', 'avx2' or 'avx512bf16' (at most what the CPU has), or 'auto'; returns the level in use");
+  // test-only (tests/test_large_offsets.py): the kernels on task ranges [t0, t1, ...] only, into the
+  // caller's contiguous buffers; the backward ones return the per-chunk partials (tau, reversed bias)
+  m.def("_stripe_forward_tasks", &grl::cpu::stripe_forward_tasks,
+        "TEST ONLY: stripe_forward's tasks in the ranges, into (out, zsave, stat1save)");
+  m.def("_stripe_backward_tasks", &grl::cpu::stripe_backward_tasks,
+        "TEST ONLY: stripe_backward's tasks in the ranges, into (gqkv, ganc) -> [d_tau, d_bias] per chunk");
+  m.def("_window_forward_tasks", &grl::cpu::window_forward_tasks,
+        "TEST ONLY: window_forward's tasks in the ranges, into out");
+  m.def("_window_backward_tasks", &grl::cpu::window_backward_tasks,
+        "TEST ONLY: window_backward's tasks in the ranges, into gqkv -> [d_tau, d_bias] per chunk");
   m.def("stripe_tables", &grl::cpu::stripe_tables, "header index math: token/anchor positions, regions, w2a, a2w");
   m.def("window_tables", &grl::cpu::window_tables, "header index math: positions, regions, relative index");
 }

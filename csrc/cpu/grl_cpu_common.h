@@ -97,12 +97,52 @@ inline void for_chunk_ranges(int64_t tasks, int64_t chunks, const F& fn) {
   });
 }
 
+// Tasks to run, as flattened [t0, t1) ranges (t0, t1, t0', t1', ...): the entry points run
+// {0, tasks}; the test-only *_tasks entries run a subset (image 0's and image B-1's tasks of a
+// huge batch: tests/test_large_offsets.py checks the 64-bit write offsets with them).
+using TaskRanges = std::vector<int64_t>;
+
+inline void check_task_ranges(const TaskRanges& r, int64_t tasks) {
+  TORCH_CHECK(r.size() % 2 == 0, "grl cpu kernels: task ranges must be (t0, t1) pairs, got ", r.size(), " ints");
+  int64_t prev = 0;
+  for (size_t k = 0; k < r.size(); k += 2) {
+    TORCH_CHECK(prev <= r[k] && r[k] <= r[k + 1] && r[k + 1] <= tasks, "grl cpu kernels: task ranges must be ascending ",
+                "and disjoint within [0, ", tasks, "]; got [", r[k], ", ", r[k + 1], ")");
+    prev = r[k + 1];
+  }
+}
+
+// fn(t0, t1) over the tasks of every range, in parallel (one at::parallel_for per range).
+template <typename F>
+inline void for_task_ranges(const TaskRanges& r, const F& fn) {
+  for (size_t k = 0; k + 1 < r.size(); k += 2) at::parallel_for(r[k], r[k + 1], 1, fn);
+}
+
 // Parameter-gradient partials: one buffer per chunk of tasks, summed in chunk order afterwards.
 // A FIXED chunk count (not the thread count) makes the sums, and so the gradients, the same bits
 // for every thread count; 64 chunks keep up to 64 threads busy.
 constexpr int64_t kReductionChunks = 64;
 inline int64_t num_chunks(int64_t tasks) {
   return std::max<int64_t>(1, std::min<int64_t>(tasks, kReductionChunks));
+}
+
+// for_chunk_ranges restricted to the task ranges: fn(chunk, t0, t1) on each chunk's range
+// intersected with each of them (the chunks, and so the partials' order, are those of all tasks).
+template <typename F>
+inline void for_chunk_subranges(int64_t tasks, int64_t chunks, const TaskRanges& r, const F& fn) {
+  for_chunk_ranges(tasks, chunks, [&](int64_t ch, int64_t t0, int64_t t1) {
+    for (size_t k = 0; k + 1 < r.size(); k += 2) {
+      const int64_t a = std::max(t0, r[k]), b = std::min(t1, r[k + 1]);
+      if (a < b) fn(ch, a, b);
+    }
+  });
+}
+
+// A caller's output buffer (test-only entries): contiguous, the dtype and size the entry points allocate.
+inline void check_buffer(const at::Tensor& t, at::ScalarType dtype, int64_t numel, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dtype && t.numel() == numel,
+              "grl cpu kernels: ", name, " must be a contiguous CPU tensor of ", numel, " elements of ", dtype,
+              "; got ", t.numel(), " of ", t.scalar_type(), t.is_contiguous() ? "" : " (not contiguous)");
 }
 
 inline at::ScalarType acc_type_of(at::ScalarType t) {
@@ -148,6 +188,27 @@ std::vector<at::Tensor> window_forward(const at::Tensor& qkv, const at::Tensor& 
                                        const std::vector<int64_t>& geom, int64_t nh);
 std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& tau,
                                         const at::Tensor& bias, const std::vector<int64_t>& geom, int64_t nh);
+// Test-only (tests/test_large_offsets.py; bound as _*_tasks): the same kernels on the task
+// ranges only, writing into the caller's buffers (contiguous, the shapes stripe_forward /
+// window_forward / *_backward allocate, e.g. lazily committed mappings); the backward ones
+// return the per-chunk (tau, reversed bias) partials unsummed.
+void stripe_forward_tasks(const at::Tensor& qkv, const at::Tensor& anchor, const at::Tensor& tau1,
+                          const at::Tensor& bias1, const at::Tensor& tau2, const at::Tensor& bias2,
+                          const std::vector<int64_t>& geom, int64_t nh, const at::Tensor& out,
+                          const at::Tensor& zsave, const at::Tensor& stat1save, const TaskRanges& ranges);
+std::vector<at::Tensor> stripe_backward_tasks(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                              const at::Tensor& anchor, const at::Tensor& tau1,
+                                              const at::Tensor& bias1, const at::Tensor& tau2,
+                                              const at::Tensor& bias2, const at::Tensor& zsave,
+                                              const at::Tensor& stat1save, const std::vector<int64_t>& geom,
+                                              int64_t nh, const at::Tensor& gqkv, const at::Tensor& ganc,
+                                              const TaskRanges& ranges);
+void window_forward_tasks(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor& bias,
+                          const std::vector<int64_t>& geom, int64_t nh, const at::Tensor& out,
+                          const TaskRanges& ranges);
+std::vector<at::Tensor> window_backward_tasks(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& tau,
+                                              const at::Tensor& bias, const std::vector<int64_t>& geom, int64_t nh,
+                                              const at::Tensor& gqkv, const TaskRanges& ranges);
 std::vector<at::Tensor> stripe_tables(const std::vector<int64_t>& geom);
 std::vector<at::Tensor> window_tables(const std::vector<int64_t>& geom);
 

@@ -101,19 +101,13 @@ void check_stripe(const at::Tensor& qkv, const at::Tensor& anchor, const at::Ten
   check_param(bias2, acc, nh, g.table_rows, "bias2");
 }
 
-}  // namespace
-
-std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& anchor, const at::Tensor& tau1,
-                                       const at::Tensor& bias1, const at::Tensor& tau2, const at::Tensor& bias2,
-                                       const std::vector<int64_t>& geom, int64_t nh) {
-  const StripeGeom g = stripe_from(geom);
-  check_stripe(qkv, anchor, tau1, bias1, tau2, bias2, g, nh);
-  const int64_t B = qkv.size(0), C = qkv.size(2) / 3, d = C / nh;
-  const auto acc = acc_type_of(qkv.scalar_type());
-  auto out = at::empty({B, g.H * g.W, C}, qkv.options());
-  auto zsave = at::empty({B, g.num_windows, nh, g.n2, d}, qkv.options().dtype(acc));
-  auto stat1save = at::empty({B, g.num_windows, nh, g.n2, 2}, qkv.options().dtype(acc));  // rows' (m, 1/l)
-  const int64_t tasks = B * g.num_windows * nh;
+// The kernels on the task ranges, into the given buffers (out (B, L, C), zsave (tasks, n2, d),
+// stat1save (tasks, n2, 2); gqkv (B, L, 3C), ganc (B, Ha, Wa, C); the zeroed per-chunk partials
+// dtau (chunks, 2, nh), rdbias (chunks, 2, nh, R), reversed table order).
+void stripe_forward_run(const at::Tensor& qkv, const at::Tensor& anchor, const at::Tensor& tau1,
+                        const at::Tensor& bias1, const at::Tensor& tau2, const at::Tensor& bias2, const StripeGeom& g,
+                        int64_t nh, const at::Tensor& out, const at::Tensor& zsave, const at::Tensor& stat1save,
+                        const TaskRanges& ranges) {
   const auto rb1 = reversed_bias(bias1), rb2 = reversed_bias(bias2);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "grl_stripe_forward", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
@@ -121,17 +115,12 @@ std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& 
     scalar_t* o = out.data_ptr<scalar_t>();
     acc_t* z = zsave.data_ptr<acc_t>();
     acc_t* stat1 = stat1save.data_ptr<acc_t>();
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { stripe_forward_dispatch(A, t0, t1, o, z, stat1); });
+    for_task_ranges(ranges, [&](int64_t t0, int64_t t1) { stripe_forward_dispatch(A, t0, t1, o, z, stat1); });
   });
-  return {out, zsave, stat1save};
 }
 
-std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& anchor,
-                                        const at::Tensor& tau1, const at::Tensor& bias1, const at::Tensor& tau2,
-                                        const at::Tensor& bias2, const at::Tensor& zsave, const at::Tensor& stat1save,
-                                        const std::vector<int64_t>& geom, int64_t nh) {
-  const StripeGeom g = stripe_from(geom);
-  check_stripe(qkv, anchor, tau1, bias1, tau2, bias2, g, nh);
+void check_backward_inputs(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& zsave,
+                           const at::Tensor& stat1save, const StripeGeom& g, int64_t nh) {
   const int64_t B = qkv.size(0), C = qkv.size(2) / 3, d = C / nh;
   const auto acc = acc_type_of(qkv.scalar_type());
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == qkv.scalar_type() &&
@@ -141,12 +130,15 @@ std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Te
                   stat1save.is_contiguous() && stat1save.numel() == B * g.num_windows * nh * g.n2 * 2 &&
                   zsave.scalar_type() == acc && stat1save.scalar_type() == acc,
               "grl cpu kernels: saved stripe forward state does not match the geometry");
-  auto gqkv = at::empty({B, g.H * g.W, 3 * C}, qkv.options());
-  auto ganc = at::empty({B, g.Ha, g.Wa, C}, qkv.options());
-  const int64_t tasks = B * g.num_windows * nh;
-  const int64_t chunks = num_chunks(tasks);
-  auto dtau = at::zeros({chunks, 2, nh}, qkv.options().dtype(acc));
-  auto dbias = at::zeros({chunks, 2, nh, g.table_rows}, qkv.options().dtype(acc));
+}
+
+void stripe_backward_run(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& anchor,
+                         const at::Tensor& tau1, const at::Tensor& bias1, const at::Tensor& tau2,
+                         const at::Tensor& bias2, const at::Tensor& zsave, const at::Tensor& stat1save,
+                         const StripeGeom& g, int64_t nh, const at::Tensor& gqkv, const at::Tensor& ganc,
+                         const at::Tensor& dtau, const at::Tensor& dbias, const TaskRanges& ranges) {
+  const int64_t tasks = qkv.size(0) * g.num_windows * nh;
+  const int64_t chunks = dtau.size(0);
   const auto rb1 = reversed_bias(bias1), rb2 = reversed_bias(bias2);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "grl_stripe_backward", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
@@ -159,16 +151,89 @@ std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Te
     acc_t* dt = dtau.data_ptr<acc_t>();
     acc_t* db = dbias.data_ptr<acc_t>();
     const int64_t R = g.table_rows;
-    for_chunk_ranges(tasks, chunks, [&](int64_t ch, int64_t t0, int64_t t1) {
+    for_chunk_subranges(tasks, chunks, ranges, [&](int64_t ch, int64_t t0, int64_t t1) {
       acc_t* dtc = dt + ch * 2 * nh;
       acc_t* dbc = db + ch * 2 * nh * R;
       stripe_backward_dispatch(A, t0, t1, go, z, stat1, gq, ga, dtc, dbc, dtc + nh, dbc + nh * R);
     });
   });
-  auto dt_sum = dtau.sum(0);
-  auto db_sum = dbias.sum(0).flip({2});  // the kernels accumulate in reversed table order
+}
+
+std::vector<at::Tensor> chunk_partials(const at::Tensor& qkv, const StripeGeom& g, int64_t nh) {
+  const int64_t chunks = num_chunks(qkv.size(0) * g.num_windows * nh);
+  const auto opt = qkv.options().dtype(acc_type_of(qkv.scalar_type()));
+  return {at::zeros({chunks, 2, nh}, opt), at::zeros({chunks, 2, nh, g.table_rows}, opt)};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> stripe_forward(const at::Tensor& qkv, const at::Tensor& anchor, const at::Tensor& tau1,
+                                       const at::Tensor& bias1, const at::Tensor& tau2, const at::Tensor& bias2,
+                                       const std::vector<int64_t>& geom, int64_t nh) {
+  const StripeGeom g = stripe_from(geom);
+  check_stripe(qkv, anchor, tau1, bias1, tau2, bias2, g, nh);
+  const int64_t B = qkv.size(0), C = qkv.size(2) / 3, d = C / nh;
+  const auto acc = acc_type_of(qkv.scalar_type());
+  auto out = at::empty({B, g.H * g.W, C}, qkv.options());
+  auto zsave = at::empty({B, g.num_windows, nh, g.n2, d}, qkv.options().dtype(acc));
+  auto stat1save = at::empty({B, g.num_windows, nh, g.n2, 2}, qkv.options().dtype(acc));  // rows' (m, 1/l)
+  stripe_forward_run(qkv, anchor, tau1, bias1, tau2, bias2, g, nh, out, zsave, stat1save, {0, B * g.num_windows * nh});
+  return {out, zsave, stat1save};
+}
+
+std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& anchor,
+                                        const at::Tensor& tau1, const at::Tensor& bias1, const at::Tensor& tau2,
+                                        const at::Tensor& bias2, const at::Tensor& zsave, const at::Tensor& stat1save,
+                                        const std::vector<int64_t>& geom, int64_t nh) {
+  const StripeGeom g = stripe_from(geom);
+  check_stripe(qkv, anchor, tau1, bias1, tau2, bias2, g, nh);
+  check_backward_inputs(grad_out, qkv, zsave, stat1save, g, nh);
+  const int64_t B = qkv.size(0), C = qkv.size(2) / 3;
+  auto gqkv = at::empty({B, g.H * g.W, 3 * C}, qkv.options());
+  auto ganc = at::empty({B, g.Ha, g.Wa, C}, qkv.options());
+  const auto part = chunk_partials(qkv, g, nh);
+  stripe_backward_run(grad_out, qkv, anchor, tau1, bias1, tau2, bias2, zsave, stat1save, g, nh, gqkv, ganc, part[0],
+                      part[1], {0, B * g.num_windows * nh});
+  auto dt_sum = part[0].sum(0);
+  auto db_sum = part[1].sum(0).flip({2});  // the kernels accumulate in reversed table order
   // clones: the returns must not alias each other (torch custom-op contract)
   return {gqkv, ganc, dt_sum[0].clone(), db_sum[0].clone(), dt_sum[1].clone(), db_sum[1].clone()};
+}
+
+// ---- test-only entries (grl_cpu_common.h)
+void stripe_forward_tasks(const at::Tensor& qkv, const at::Tensor& anchor, const at::Tensor& tau1,
+                          const at::Tensor& bias1, const at::Tensor& tau2, const at::Tensor& bias2,
+                          const std::vector<int64_t>& geom, int64_t nh, const at::Tensor& out,
+                          const at::Tensor& zsave, const at::Tensor& stat1save, const TaskRanges& ranges) {
+  const StripeGeom g = stripe_from(geom);
+  check_stripe(qkv, anchor, tau1, bias1, tau2, bias2, g, nh);
+  const int64_t B = qkv.size(0), C = qkv.size(2) / 3, tasks = B * g.num_windows * nh;
+  const auto acc = acc_type_of(qkv.scalar_type());
+  check_task_ranges(ranges, tasks);
+  check_buffer(out, qkv.scalar_type(), B * g.H * g.W * C, "out");
+  check_buffer(zsave, acc, tasks * g.n2 * (C / nh), "zsave");
+  check_buffer(stat1save, acc, tasks * g.n2 * 2, "stat1save");
+  stripe_forward_run(qkv, anchor, tau1, bias1, tau2, bias2, g, nh, out, zsave, stat1save, ranges);
+}
+
+std::vector<at::Tensor> stripe_backward_tasks(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                              const at::Tensor& anchor, const at::Tensor& tau1,
+                                              const at::Tensor& bias1, const at::Tensor& tau2,
+                                              const at::Tensor& bias2, const at::Tensor& zsave,
+                                              const at::Tensor& stat1save, const std::vector<int64_t>& geom,
+                                              int64_t nh, const at::Tensor& gqkv, const at::Tensor& ganc,
+                                              const TaskRanges& ranges) {
+  const StripeGeom g = stripe_from(geom);
+  check_stripe(qkv, anchor, tau1, bias1, tau2, bias2, g, nh);
+  check_backward_inputs(grad_out, qkv, zsave, stat1save, g, nh);
+  const int64_t B = qkv.size(0), C = qkv.size(2) / 3;
+  check_task_ranges(ranges, B * g.num_windows * nh);
+  check_buffer(gqkv, qkv.scalar_type(), B * g.H * g.W * 3 * C, "gqkv");
+  check_buffer(ganc, qkv.scalar_type(), B * g.Ha * g.Wa * C, "ganc");
+  const auto part = chunk_partials(qkv, g, nh);
+  stripe_backward_run(grad_out, qkv, anchor, tau1, bias1, tau2, bias2, zsave, stat1save, g, nh, gqkv, ganc, part[0],
+                      part[1], ranges);
+  return part;
 }
 
 }  // namespace cpu

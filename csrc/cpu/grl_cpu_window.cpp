@@ -79,39 +79,30 @@ WindowArgs<scalar_t, acc_t> window_args(const at::Tensor& qkv, const at::Tensor&
   return A;
 }
 
-}  // namespace
-
-std::vector<at::Tensor> window_forward(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor& bias,
-                                       const std::vector<int64_t>& geom, int64_t nh) {
-  const WindowGeom g = window_from(geom);
-  check_window(qkv, tau, bias, g, nh);
-  const int64_t B = qkv.size(0), C = qkv.size(2) / 3;
-  auto out = at::empty({B, g.H * g.W, C}, qkv.options());
-  const int64_t tasks = B * g.num_windows * nh;
+// The kernels on the task ranges, into the given buffers (out (B, L, C); gqkv (B, L, 3C); the
+// zeroed per-chunk partials dtau (chunks, nh), rdbias (chunks, nh, R), reversed table order).
+void window_forward_run(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor& bias, const WindowGeom& g,
+                        int64_t nh, const at::Tensor& out, const TaskRanges& ranges) {
   const auto rb = reversed_bias(bias);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "grl_window_forward", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     const auto A = window_args<scalar_t, acc_t>(qkv, tau, bias, rb, g, nh);
     scalar_t* o = out.data_ptr<scalar_t>();
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { window_forward_dispatch(A, t0, t1, o); });
+    for_task_ranges(ranges, [&](int64_t t0, int64_t t1) { window_forward_dispatch(A, t0, t1, o); });
   });
-  return {out};  // no saved state: the backward recomputes complete rows
 }
 
-std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& tau,
-                                        const at::Tensor& bias, const std::vector<int64_t>& geom, int64_t nh) {
-  const WindowGeom g = window_from(geom);
-  check_window(qkv, tau, bias, g, nh);
-  const int64_t B = qkv.size(0), C = qkv.size(2) / 3;
-  const auto acc = acc_type_of(qkv.scalar_type());
+void check_grad_out(const at::Tensor& grad_out, const at::Tensor& qkv, const WindowGeom& g) {
   TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == qkv.scalar_type() &&
-                  grad_out.numel() == B * g.H * g.W * C,
+                  grad_out.numel() == qkv.size(0) * g.H * g.W * (qkv.size(2) / 3),
               "grl cpu kernels: grad_out must be a contiguous (B, H*W, C) tensor of qkv's dtype");
-  auto gqkv = at::empty({B, g.H * g.W, 3 * C}, qkv.options());
-  const int64_t tasks = B * g.num_windows * nh;
-  const int64_t chunks = num_chunks(tasks);
-  auto dtau = at::zeros({chunks, nh}, qkv.options().dtype(acc));
-  auto dbias = at::zeros({chunks, nh, g.table_rows}, qkv.options().dtype(acc));
+}
+
+void window_backward_run(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& tau,
+                         const at::Tensor& bias, const WindowGeom& g, int64_t nh, const at::Tensor& gqkv,
+                         const at::Tensor& dtau, const at::Tensor& dbias, const TaskRanges& ranges) {
+  const int64_t tasks = qkv.size(0) * g.num_windows * nh;
+  const int64_t chunks = dtau.size(0);
   const auto rb = reversed_bias(bias);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "grl_window_backward", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
@@ -120,11 +111,64 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Te
     scalar_t* gq = gqkv.data_ptr<scalar_t>();
     acc_t* dt = dtau.data_ptr<acc_t>();
     acc_t* db = dbias.data_ptr<acc_t>();
-    for_chunk_ranges(tasks, chunks, [&](int64_t ch, int64_t t0, int64_t t1) {
+    for_chunk_subranges(tasks, chunks, ranges, [&](int64_t ch, int64_t t0, int64_t t1) {
       window_backward_dispatch(A, t0, t1, go, gq, dt + ch * nh, db + ch * nh * g.table_rows);
     });
   });
-  return {gqkv, dtau.sum(0), dbias.sum(0).flip({1})};  // the kernels accumulate in reversed table order
+}
+
+std::vector<at::Tensor> chunk_partials(const at::Tensor& qkv, const WindowGeom& g, int64_t nh) {
+  const int64_t chunks = num_chunks(qkv.size(0) * g.num_windows * nh);
+  const auto opt = qkv.options().dtype(acc_type_of(qkv.scalar_type()));
+  return {at::zeros({chunks, nh}, opt), at::zeros({chunks, nh, g.table_rows}, opt)};
+}
+
+}  // namespace
+
+std::vector<at::Tensor> window_forward(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor& bias,
+                                       const std::vector<int64_t>& geom, int64_t nh) {
+  const WindowGeom g = window_from(geom);
+  check_window(qkv, tau, bias, g, nh);
+  const int64_t B = qkv.size(0), C = qkv.size(2) / 3;
+  auto out = at::empty({B, g.H * g.W, C}, qkv.options());
+  window_forward_run(qkv, tau, bias, g, nh, out, {0, B * g.num_windows * nh});
+  return {out};  // no saved state: the backward recomputes complete rows
+}
+
+std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& tau,
+                                        const at::Tensor& bias, const std::vector<int64_t>& geom, int64_t nh) {
+  const WindowGeom g = window_from(geom);
+  check_window(qkv, tau, bias, g, nh);
+  check_grad_out(grad_out, qkv, g);
+  const int64_t B = qkv.size(0), C = qkv.size(2) / 3;
+  auto gqkv = at::empty({B, g.H * g.W, 3 * C}, qkv.options());
+  const auto part = chunk_partials(qkv, g, nh);
+  window_backward_run(grad_out, qkv, tau, bias, g, nh, gqkv, part[0], part[1], {0, B * g.num_windows * nh});
+  return {gqkv, part[0].sum(0), part[1].sum(0).flip({1})};  // the kernels accumulate in reversed table order
+}
+
+// ---- test-only entries (grl_cpu_common.h)
+void window_forward_tasks(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor& bias,
+                          const std::vector<int64_t>& geom, int64_t nh, const at::Tensor& out,
+                          const TaskRanges& ranges) {
+  const WindowGeom g = window_from(geom);
+  check_window(qkv, tau, bias, g, nh);
+  check_task_ranges(ranges, qkv.size(0) * g.num_windows * nh);
+  check_buffer(out, qkv.scalar_type(), qkv.size(0) * g.H * g.W * (qkv.size(2) / 3), "out");
+  window_forward_run(qkv, tau, bias, g, nh, out, ranges);
+}
+
+std::vector<at::Tensor> window_backward_tasks(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& tau,
+                                              const at::Tensor& bias, const std::vector<int64_t>& geom, int64_t nh,
+                                              const at::Tensor& gqkv, const TaskRanges& ranges) {
+  const WindowGeom g = window_from(geom);
+  check_window(qkv, tau, bias, g, nh);
+  check_grad_out(grad_out, qkv, g);
+  check_task_ranges(ranges, qkv.size(0) * g.num_windows * nh);
+  check_buffer(gqkv, qkv.scalar_type(), qkv.size(0) * g.H * g.W * qkv.size(2), "gqkv");
+  const auto part = chunk_partials(qkv, g, nh);
+  window_backward_run(grad_out, qkv, tau, bias, g, nh, gqkv, part[0], part[1], ranges);
+  return part;
 }
 
 }  // namespace cpu
