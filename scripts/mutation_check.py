@@ -102,6 +102,14 @@ MUTANTS: List[Mutant] = [
            "store_row(ganc + (b * g.Ha * g.Wa + p) * C + h * d, dar, d);",
            "store_row(ganc + static_cast<int>((b * g.Ha * g.Wa + p) * C + h * d), dar, d);",
            "cpu stripe backward: d_anchor offset truncated to int", ("tests/test_large_offsets.py",)),
+    # Triton 16-bit backward: Delta from the rounded output / unrounded dZ (the cancelling sums drift)
+    Mutant("triton_window_delta_from_output", "grl_kernels/backends/triton/window_bwd.py",
+           "    if DT == tl.float32:\n        o = load_rows(", "    if True:\n        o = load_rows(",
+           "triton window backward: Delta = rowsum(dO * O) with O rounded to 16 bits", ("tests/test_triton_interpreter.py",)),
+    Mutant("triton_delta1_unrounded_dz", "grl_kernels/backends/triton/launcher.py",
+           "    if qkv.dtype == torch.float32:\n        delta1 = (dz * z).sum(-1)",
+           "    if True:\n        delta1 = (dz * z).sum(-1)",
+           "triton stripe backward: Delta1 = dZ . Z with dZ unrounded in 16 bits", ("tests/test_triton_interpreter.py",)),
 ]
 
 # the fast files that target these bugs (the whole suite takes ~20 minutes per mutant)

@@ -23,6 +23,7 @@ smaller shapes in a TRITON_INTERPRET=1 subprocess (as tests/test_triton_interpre
 """
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import re
@@ -70,23 +71,39 @@ RATIO = 2.0
 # the reference's 3.9e-7: logit scale, d = 1, rows below eps). 90 interpreter examples
 # (GRL_FUZZ_EXAMPLES=3200) are all within the bound, the closest anchor 2.6e-5 vs 5.9e-6 (f = 4,
 # tau 100: inside the slack).
-# Known deviation, reported (not hidden): under the interpreter the Triton kernels miss the 2x
-# bar in bfloat16 on gradients that are long cancelling reductions (logit scales, bias tables,
-# anchors) at tau ~ 100: measured 4.2e-2 vs the reference's 4.0e-3 (logit scale, window). A
-# Triton bfloat16 tensor passes at 2x the reference's error OR within the fixed limit of
-# tests/test_triton_interpreter.py (1e-1); GRL_FUZZ_EXAMPLES=3200 also finds stripe cases past
-# it (qkv 0.14 vs 0.029, anchor 0.49 vs 0.21: f = 4, tau 100).
+# Triton bfloat16 is held to 2x too: its backward sums Delta = sum P dP itself with the P and
+# dP its loops use (window_bwd_dq, stripe_bwd_tokens2, stripe_bwd_anchors1 with DELTA_PASS).
+# With Delta = rowsum(dO * O), O rounded to bfloat16, and dZ . Z with an unrounded dZ, every dS
+# of a row carried that rounding and the cancelling sums drifted: 250 interpreter examples found
+# 36 tensors past 2x (stripe qkv 0.33 vs the reference's 0.009, anchor 0.52 vs 0.002; window
+# logit scale 0.13 vs 0.028), then held to a fixed 1e-1; after the change the same examples'
+# worst ratio is 0.92 (stripe anchor; window 0.42).
 # The CUDA C++ kernels (run on the CPU by the emulation layer) are held to 2x in both dtypes:
 # they recompute P = exp(s - m) / l from the rows' saved (max, 1/sum), not from one
 # log-sum-exp, whose rounding (~1e-5 at logits ~100) scaled whole rows and left float32 qkv /
 # anchor gradients 10-20x above the reference's error (4.1e-5 vs 2.0e-6, window, d = 2, tau 20).
-KNOWN_LIMIT = {("triton", torch.bfloat16): 1e-1}
+KNOWN_LIMIT = {}  # (backend, dtype) -> a fixed limit that replaces the 2x rule; none
 # float32 slack 2e-5, 100x below an index / mask error. (The cpu case that first set it, a d = 1
 # logit-scale gradient at 1.19e-5 vs the reference's 1.2e-7, was not summation noise: the
 # stage-1 backward recomputed its logits in another order than the forward; fixed, now ~1.5e-6.
-# What still needs the slack at GRL_FUZZ_EXAMPLES=6000: cpu gradients of rows with norms below
-# eps at tau 100, 4.5e-5 vs 8.2e-6, and the Triton anchor case above.)
+# Above tau 50 the float32 slack grows with tau (x tau / 50, 4e-5 at the clamp): the logits'
+# rounding, ~tau * 2^-24, is what a gradient's error is made of, and one example's error is a
+# draw from a wide spread. 40 seeds of one stripe geometry at tau 99.9 (1 anchor per window,
+# d = 32): anchor-gradient errors of the reference median 1.5e-6 / max 4.7e-5, of the cpu backend
+# median 2.3e-6 / max 3.2e-5; at tau 20: 4.6e-7 / 1.7e-6 and 5.9e-7 / 2.2e-6. The one seed where
+# the cpu error (3.2e-5) passed 2x the reference's (5.0e-6) + 2e-5 is the one 6500 fresh random
+# float32 examples found; an earlier long run found rows below eps at tau 100, 4.5e-5 vs 8.2e-6,
+# also inside the scaled slack.)
 RATIO_SLACK = {torch.float32: 2e-5, torch.bfloat16: 4 * 7.8e-3}
+
+
+def _slack(case, dtype) -> float:
+    """RATIO_SLACK, in float32 times max(1, tau / 50) for the case's largest logit scale."""
+    if dtype != torch.float32:
+        return RATIO_SLACK[dtype]
+    lam = max(list(case.get("lam1", [])) + list(case.get("lam2", [])) + list(case.get("lam", [])) + [0.0])
+    tau = math.exp(min(lam, math.log(100.0)))
+    return RATIO_SLACK[dtype] * max(1.0, tau / 50.0)
 
 STATS = Stats()
 
@@ -152,9 +169,9 @@ def _check_low(case, dtype):
     ref_errs = errors(run_case(case, values, "reference", dtype), truth, values, case)
     for name in names:
         errs = errors(run_case(case, values, name, dtype), truth, values, case)
-        limit = {k: max(RATIO * ref_errs[k] + RATIO_SLACK[dtype], KNOWN_LIMIT.get((name, dtype), 0.0))
-                 for k in errs}
-        ratios = {k: errs[k] / max(ref_errs[k], RATIO_SLACK[dtype]) for k in errs}
+        slack = _slack(case, dtype)
+        limit = {k: max(RATIO * ref_errs[k] + slack, KNOWN_LIMIT.get((name, dtype), 0.0)) for k in errs}
+        ratios = {k: errs[k] / max(ref_errs[k], slack) for k in errs}
         STATS.add(f"{name}/{str(dtype).split('.')[1]}/{case['kind']}", errs, ratios, case)
         bad = {k: (errs[k], ref_errs[k]) for k in errs if not errs[k] <= limit[k]}
         assert not bad, (name, str(dtype), case, "backend vs reference errors", bad)

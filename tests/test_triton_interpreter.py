@@ -18,11 +18,14 @@ Tolerances, as max|err| / max|expected| per tensor:
   O(1) errors.
 - bfloat16 (u = 2^-9 ~ 2e-3) / float16 (u = 2^-12 ~ 2.4e-4): the products take P, Z, dS and dZ
   rounded to the input dtype and every result is rounded once more. Outputs: 3e-2 / 2e-3.
-  Gradients: 1e-1 / 1e-2; the tau gradients are sums of dS * cos that cancel (rows of dS sum
-  to 0), so their relative error is the largest. For scale: on the half-precision cases below the
-  reference path itself, run in that dtype, is off by 4.7e-2 (bf16) / 1.1e-2 (fp16) on the output
-  and by up to 9.7e-2 / 2.6e-2 on the gradients; the kernels measured 8.1e-3 / 4.7e-4 (output),
-  5.6e-2 / 3.1e-3 (tau gradients; the bias gradients 7.8e-3 / 7.1e-4).
+  Gradients: 5e-2 / 2e-3, 2.5-3.5x the largest observed. For scale: on the half-precision cases
+  below the reference path itself, run in that dtype, is off by 4.7e-2 (bf16) / 1.1e-2 (fp16) on
+  the output and by up to 9.7e-2 / 2.6e-2 on the gradients; the kernels measured 8.1e-3 / 4.7e-4
+  (output), 2.0e-2 / 5.6e-4 (gradients: anchor / qkv; tau 1.0e-2 / 1.8e-4, bias 5.9e-3 /
+  2.5e-4). Before the backward summed Delta = sum P dP itself in 16 bits (it took
+  rowsum(dO * O) with O rounded to 16 bits, and dZ . Z with an unrounded dZ: every dS of a row
+  carried that rounding, so the cancelling sums drifted) the tau gradients were at 5.6e-2 /
+  3.1e-3, and the tolerances were 1e-1 / 1e-2.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ interp = pytest.mark.skipif(not IN_INTERPRETER, reason="runs inside the TRITON_I
 
 # about 2-5x the largest errors observed (see the module docstring)
 FWD_TOL = {torch.float32: 3e-5, torch.bfloat16: 3e-2, torch.float16: 2e-3}
-BWD_TOL = {torch.float32: 3e-5, torch.bfloat16: 1e-1, torch.float16: 1e-2}
+BWD_TOL = {torch.float32: 3e-5, torch.bfloat16: 5e-2, torch.float16: 2e-3}
 
 
 @pytest.mark.skipif(IN_INTERPRETER, reason="this is the driver of the interpreter subprocess")

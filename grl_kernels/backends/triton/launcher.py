@@ -376,10 +376,18 @@ def stripe_backward(grad, qkv, anchor, g: StripeGeometry, nh: int, scale1, bias1
             dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec, **gc), ca, dev)
     dz = dzp.sum(0) if n_splits > 1 else dzp[0]
     del dzp
-    delta1 = (dz * z).sum(-1)
+    # Delta1 = sum_j P1 dP1: dZ . Z in float32; in 16 bits a pass of stripe_bwd_anchors1 over all
+    # token blocks with its own P1 and dP1 (see stripe_bwd.py, 3.)
+    dap1 = torch.empty_like(dap2)
+    if qkv.dtype == torch.float32:
+        delta1 = (dz * z).sum(-1)
+    else:
+        delta1 = torch.empty((BWH, N2), dtype=torch.float32, device=dev)
+        _launch("stripe_bwd_anchors1", (BWH, ablocks, 1),
+                (qkv, anchor, s1, b1, dz, delta1, stat1, dap1, *qs, *as_, *geo, -(-N1 // ca.BN), BWH),
+                dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec, DELTA_PASS=True, **gc), ca, dev)
 
     # 3. anchors, stage 1: the rest of d(a_hat); then through F.normalize into (B, H/f, W/f, C)
-    dap1 = torch.empty_like(dap2)
     _launch("stripe_bwd_anchors1", (BWH, ablocks, n_splits),
             (qkv, anchor, s1, b1, dz, delta1, stat1, dap1, *qs, *as_, *geo, per, BWH),
             dict(D=D, BM=ca.BM, BN=ca.BN, PREC=prec, **gc), ca, dev)

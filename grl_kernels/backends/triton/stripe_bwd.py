@@ -7,11 +7,14 @@ Every kernel recomputes P = exp2(s - m) * (1 / l) from s with the forward's bits
 logits_t where the kernel's rows are the forward's columns: stages 2 in ``stripe_bwd_anchors2``,
 1 in ``stripe_bwd_tokens1``):
 
-1. ``stripe_bwd_tokens2`` (token blocks, loop over anchors): Delta2 = rowsum(dY * Y),
-   dq and the tau2 partials.
+1. ``stripe_bwd_tokens2`` (token blocks, loop over anchors): Delta2 = rowsum(dY * Y) (in 16
+   bits sum_i P2 dP2, from a first pass over the anchors), dq and the tau2 partials.
 2. ``stripe_bwd_anchors2`` (anchor blocks x token splits): dZ = P2^T dY and the
    stage-2 part of d(a_hat); partials per split, summed on the host.
-3. (host) dZ = sum of splits, Delta1 = rowsum(dZ * Z).
+3. (host) dZ = sum of splits, Delta1 = rowsum(dZ * Z); in 16 bits Delta1 = sum_j P1 dP1 from
+   ``stripe_bwd_anchors1`` with DELTA_PASS (one split: all token blocks), with the loop's own P1
+   and dP1 = round(dZ) V^T (rowsum(dZ * Z) is off by (dZ - round(dZ)) . Z and by Z's rounded
+   P1 per row, which every dS1 of the row carries: the cancelling sums drift).
 4. ``stripe_bwd_anchors1`` (anchor blocks x token splits): stage-1 part of d(a_hat).
 5. ``stripe_bwd_anchor_finalize``: d(a_hat) -> d(anchor) through F.normalize, scattered
    to (B, H/f, W/f, C).
@@ -61,11 +64,28 @@ def stripe_bwd_tokens2(
     sq = inv_nq * (tau * LOG2E)
     do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(tpos * s_gl, AL), h * d, s_gc, d, vj, D,
                    AL).to(DT)
-    o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(tpos * s_ol, AL), h * d, s_oc, d, vj, D, AL)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tok = pid.to(tl.int64) * N1 + j
-    tl.store(DELTA + tok, delta, mask=vj)
     m, inv_l = load_stats(STAT, tok, vj)
+    if DT == tl.float32:
+        o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(tpos * s_ol, AL), h * d, s_oc, d, vj, D,
+                      AL)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    else:
+        # Delta2 = sum_i P2 dP2 with the loop's own P2 and dP2 (not rowsum(dY * Y) with Y rounded to
+        # 16 bits: see window_bwd_dq)
+        dl = tl.zeros([BM], tl.float32)
+        for ib in range(0, tl.cdiv(N2, BN)):
+            i = ib * BN + tl.arange(0, BN)
+            vi = i < N2
+            au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
+            aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
+            a = load_rows(anc_b, aoff, h * d, s_ac, d, vi, D, AL)
+            r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
+            s, _ = logits(q, sq, a, inv_norm(a), bias_h, r, tid, aid, vj, vi, PREC)
+            z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
+            dl += tl.sum(tl.exp2(s - m[:, None]) * mma(do, tl.trans(z), PREC), 1)
+        delta = dl * inv_l
+    tl.store(DELTA + tok, delta, mask=vj)
 
     dqh = tl.zeros([BM, D], tl.float32)
     dtau = tl.zeros([BM], tl.float32)
@@ -157,7 +177,7 @@ def stripe_bwd_anchors1(
     H, W, th, tw, mth, mtw, Ha, Wa, tah, taw, mtah, mtaw, nWw, nW, nh, R,
     blocks_per_split, BWH,
     sh: tl.constexpr, sw: tl.constexpr, ah: tl.constexpr, aw: tl.constexpr, d: tl.constexpr, AL: tl.constexpr,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, DELTA_PASS: tl.constexpr = False,
 ):
     N1: tl.constexpr = sh * sw
     N2: tl.constexpr = ah * aw
@@ -182,10 +202,14 @@ def stripe_bwd_anchors1(
     sa = inv_na * (tau * LOG2E)
     arow = pid.to(tl.int64) * N2 + i
     dzi = load_ws(DZ, arow, vi, D).to(DT)
-    delta = tl.load(DELTA + arow, mask=vi, other=0.0)
     m, inv_l = load_stats(STAT, arow, vi)
+    if DELTA_PASS:
+        delta = tl.zeros([BM], tl.float32)  # unused: this launch sums sum_j l * P1 dP1 instead
+    else:
+        delta = tl.load(DELTA + arow, mask=vi, other=0.0)
 
     dah = tl.zeros([BM, D], tl.float32)
+    dl = tl.zeros([BM], tl.float32)
     blk0 = pid_s * blocks_per_split
     blk1 = tl.minimum(blk0 + blocks_per_split, tl.cdiv(N1, BN))
     for jb in range(blk0, blk1):
@@ -198,12 +222,18 @@ def stripe_bwd_anchors1(
         inv_nk = inv_norm(k)
         r = (au[:, None] - ty[None, :] + sh - 1) * Rw + (av[:, None] - tx[None, :] + sw - 1)
         s, _ = logits(a, sa, k, inv_nk, bias_h, r, aid, tid, vi, vj, PREC)
-        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
         dp = mma(dzi, tl.trans(v), PREC)
-        ds = p * (dp - delta[:, None])
-        dah += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
+        if DELTA_PASS:
+            dl += tl.sum(tl.exp2(s - m[:, None]) * dp, 1)
+        else:
+            p = tl.exp2(s - m[:, None]) * inv_l[:, None]
+            ds = p * (dp - delta[:, None])
+            dah += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
 
-    store_ws(DAP, (pid_s * BWH + pid).to(tl.int64) * N2 + i, vi, dah * tau, D)
+    if DELTA_PASS:
+        tl.store(DELTA + arow, dl * inv_l, mask=vi)
+    else:
+        store_ws(DAP, (pid_s * BWH + pid).to(tl.int64) * N2 + i, vi, dah * tau, D)
 
 
 @triton.jit

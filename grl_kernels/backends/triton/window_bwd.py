@@ -5,7 +5,8 @@ P is recomputed as exp2(s - m) * (1 / l) from the forward's (m, l) per query
 rows are keys; ``window_bwd_dq``, whose rows are the queries, accumulates l * dS and applies
 1 / l once after its loop).
 
-``window_bwd_dq`` (query blocks, loop over keys): Delta = rowsum(dO * O), dq and the tau
+``window_bwd_dq`` (query blocks, loop over keys): Delta = rowsum(dO * O) (in float32; in 16 bits
+Delta = sum_k P dP from a first pass over the keys, see the kernel), dq and the tau
 partials (the bias-table gradient: bias_grad.py, without atomics). ``window_bwd_dkv`` (key blocks, loop over queries,
 after the first kernel so Delta is complete): dk and dv.
 """
@@ -49,11 +50,29 @@ def window_bwd_dq(
     qrel = qy * Rw + qx + (ws - 1) * (Rw + 1)  # table row = qrel - (ky * Rw + kx), as in window_fwd
     do = load_rows(DOUT + tl.multiple_of(b64 * s_gb, AL), tl.multiple_of(qpos * s_gl, AL), h * d, s_gc, d, vq, D,
                    AL).to(DT)
-    o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq, D, AL)
-    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = pid.to(tl.int64) * N + j
-    tl.store(DELTA + row, delta, mask=vq)
     m, inv_l = load_stats(STAT, row, vq)
+    if DT == tl.float32:
+        o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq, D,
+                      AL)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    else:
+        # Delta = sum_k P dP from the P and dP the loop below uses: rowsum(dO * O) with O rounded to
+        # 16 bits is off by |dO| |O| 2^-9 per row, which every dS of the row carries (rows of dS
+        # then do not sum to 0, and the cancelling sums of dtau, the bias table and dk drift)
+        dl = tl.zeros([BM], tl.float32)
+        for kb in range(0, tl.cdiv(N, BN)):
+            jk = kb * BN + tl.arange(0, BN)
+            vk = jk < N
+            ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
+            koff = (kr.to(tl.int64) * W + kc) * s_ql
+            k = load_rows(qkv_b, tl.multiple_of(koff, AL), C + h * d, s_qc, d, vk, D, AL)
+            v = load_rows(qkv_b, tl.multiple_of(koff, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
+            r = qrel[:, None] - (ky * Rw + kx)[None, :]
+            s, _ = logits(q, sq, k, inv_norm(k), bias_h, r, qid, kid, vq, vk, PREC)
+            dl += tl.sum(tl.exp2(s - m[:, None]) * mma(do, tl.trans(v), PREC), 1)
+        delta = dl * inv_l
+    tl.store(DELTA + row, delta, mask=vq)
 
     dqh = tl.zeros([BM, D], tl.float32)
     dtau = tl.zeros([BM], tl.float32)
