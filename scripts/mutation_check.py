@@ -104,7 +104,7 @@ MUTANTS: List[Mutant] = [
            "cpu stripe backward: d_anchor offset truncated to int", ("tests/test_large_offsets.py",)),
     # Triton 16-bit backward: Delta from the rounded output / unrounded dZ (the cancelling sums drift)
     Mutant("triton_window_delta_from_output", "grl_kernels/backends/triton/window_bwd.py",
-           "    if DT == tl.float32:\n        o = load_rows(", "    if True:\n        o = load_rows(",
+           "            delta = dl * inv_l\n", "            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)\n",
            "triton window backward: Delta = rowsum(dO * O) with O rounded to 16 bits", ("tests/test_triton_interpreter.py",)),
     Mutant("triton_delta1_unrounded_dz", "grl_kernels/backends/triton/launcher.py",
            "    if qkv.dtype == torch.float32:\n        delta1 = (dz * z).sum(-1)",

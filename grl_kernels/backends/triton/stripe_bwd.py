@@ -66,44 +66,37 @@ def stripe_bwd_tokens2(
                    AL).to(DT)
     tok = pid.to(tl.int64) * N1 + j
     m, inv_l = load_stats(STAT, tok, vj)
+    o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(tpos * s_ol, AL), h * d, s_oc, d, vj, D, AL)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # float32; in 16 bits pass 0 replaces it
     if DT == tl.float32:
-        o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(tpos * s_ol, AL), h * d, s_oc, d, vj, D,
-                      AL)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    else:
-        # Delta2 = sum_i P2 dP2 with the loop's own P2 and dP2 (not rowsum(dY * Y) with Y rounded to
-        # 16 bits: see window_bwd_dq)
+        tl.store(DELTA + tok, delta, mask=vj)
+    # 16 bits: pass 0 sums Delta2 = sum_i P2 dP2 with pass 1's own P2 and dP2 (not rowsum(dY * Y)
+    # with Y rounded to 16 bits: see window_bwd_dq); float32 runs pass 1 only
+    for ps in tl.static_range(1 if DT == tl.float32 else 0, 2):
         dl = tl.zeros([BM], tl.float32)
+        dqh = tl.zeros([BM, D], tl.float32)
+        dtau = tl.zeros([BM], tl.float32)
         for ib in range(0, tl.cdiv(N2, BN)):
             i = ib * BN + tl.arange(0, BN)
             vi = i < N2
             au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
             aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
             a = load_rows(anc_b, aoff, h * d, s_ac, d, vi, D, AL)
+            inv_na = inv_norm(a)
             r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
-            s, _ = logits(q, sq, a, inv_norm(a), bias_h, r, tid, aid, vj, vi, PREC)
+            s, raw = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
+            p = tl.exp2(s - m[:, None]) * inv_l[:, None]
             z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
-            dl += tl.sum(tl.exp2(s - m[:, None]) * mma(do, tl.trans(z), PREC), 1)
-        delta = dl * inv_l
-    tl.store(DELTA + tok, delta, mask=vj)
-
-    dqh = tl.zeros([BM, D], tl.float32)
-    dtau = tl.zeros([BM], tl.float32)
-    for ib in range(0, tl.cdiv(N2, BN)):
-        i = ib * BN + tl.arange(0, BN)
-        vi = i < N2
-        au, av, ar, ac, aid = grid_tile(i, wy, wx, ah, aw, Ha, Wa, tah, taw, mtah, mtaw)
-        aoff = tl.multiple_of(ar.to(tl.int64) * s_ah + ac.to(tl.int64) * s_aw, AL)
-        a = load_rows(anc_b, aoff, h * d, s_ac, d, vi, D, AL)
-        inv_na = inv_norm(a)
-        r = (ty[:, None] - au[None, :] + ah - 1) * Rw + (tx[:, None] - av[None, :] + aw - 1)
-        s, raw = logits(q, sq, a, inv_na, bias_h, r, tid, aid, vj, vi, PREC)
-        p = tl.exp2(s - m[:, None]) * inv_l[:, None]
-        z = load_ws(Z, pid.to(tl.int64) * N2 + i, vi, D).to(DT)
-        dp = mma(do, tl.trans(z), PREC)
-        ds = p * (dp - delta[:, None])
-        dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nq
-        dqh += mma(ds.to(DT), unit_rows(a, inv_na, DT), PREC)
+            dp = mma(do, tl.trans(z), PREC)
+            if ps == 0:
+                dl += tl.sum(p * dp, 1)
+            else:
+                ds = p * (dp - delta[:, None])
+                dtau += tl.sum(ds * raw * inv_na[None, :], 1) * inv_nq
+                dqh += mma(ds.to(DT), unit_rows(a, inv_na, DT), PREC)
+        if ps == 0:
+            delta = dl
+            tl.store(DELTA + tok, delta, mask=vj)
 
     dq = normalize_bwd(q, inv_nq, nq, dqh * tau)
     store_rows(DQKV + tl.multiple_of(b64 * s_db, AL), tl.multiple_of(tpos * s_dl, AL), h * d, s_dc, d, vj, dq, D, AL)

@@ -52,15 +52,18 @@ def window_bwd_dq(
                    AL).to(DT)
     row = pid.to(tl.int64) * N + j
     m, inv_l = load_stats(STAT, row, vq)
+    o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq, D, AL)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # float32; in 16 bits pass 0 replaces it
     if DT == tl.float32:
-        o = load_rows(OUT + tl.multiple_of(b64 * s_ob, AL), tl.multiple_of(qpos * s_ol, AL), h * d, s_oc, d, vq, D,
-                      AL)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    else:
-        # Delta = sum_k P dP from the P and dP the loop below uses: rowsum(dO * O) with O rounded to
-        # 16 bits is off by |dO| |O| 2^-9 per row, which every dS of the row carries (rows of dS
-        # then do not sum to 0, and the cancelling sums of dtau, the bias table and dk drift)
+        tl.store(DELTA + row, delta, mask=vq)
+    # 16 bits: pass 0 sums Delta = sum_k P dP from the P and dP that pass 1 uses (rowsum(dO * O)
+    # with O rounded to 16 bits is off by |dO| |O| 2^-9 per row, which every dS of the row
+    # carries: rows of dS then do not sum to 0, and the cancelling sums of dtau, the bias table
+    # and dk drift); float32 runs pass 1 only
+    for ps in tl.static_range(1 if DT == tl.float32 else 0, 2):
         dl = tl.zeros([BM], tl.float32)
+        dqh = tl.zeros([BM, D], tl.float32)
+        dtau = tl.zeros([BM], tl.float32)
         for kb in range(0, tl.cdiv(N, BN)):
             jk = kb * BN + tl.arange(0, BN)
             vk = jk < N
@@ -68,30 +71,21 @@ def window_bwd_dq(
             koff = (kr.to(tl.int64) * W + kc) * s_ql
             k = load_rows(qkv_b, tl.multiple_of(koff, AL), C + h * d, s_qc, d, vk, D, AL)
             v = load_rows(qkv_b, tl.multiple_of(koff, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
+            inv_nk = inv_norm(k)
             r = qrel[:, None] - (ky * Rw + kx)[None, :]
-            s, _ = logits(q, sq, k, inv_norm(k), bias_h, r, qid, kid, vq, vk, PREC)
-            dl += tl.sum(tl.exp2(s - m[:, None]) * mma(do, tl.trans(v), PREC), 1)
-        delta = dl * inv_l
-    tl.store(DELTA + row, delta, mask=vq)
-
-    dqh = tl.zeros([BM, D], tl.float32)
-    dtau = tl.zeros([BM], tl.float32)
-    for kb in range(0, tl.cdiv(N, BN)):
-        jk = kb * BN + tl.arange(0, BN)
-        vk = jk < N
-        ky, kx, kr, kc, kid = grid_tile(jk, wy, wx, ws, ws, H, W, t, t, t, t)
-        koff = (kr.to(tl.int64) * W + kc) * s_ql
-        k = load_rows(qkv_b, tl.multiple_of(koff, AL), C + h * d, s_qc, d, vk, D, AL)
-        v = load_rows(qkv_b, tl.multiple_of(koff, AL), 2 * C + h * d, s_qc, d, vk, D, AL)
-        inv_nk = inv_norm(k)
-        r = qrel[:, None] - (ky * Rw + kx)[None, :]
-        s, raw = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
-        # l * P = exp2(s - m) and l * dS: the row factor 1 / l is applied once, after the loop
-        p = tl.exp2(s - m[:, None])
-        dp = mma(do, tl.trans(v), PREC)
-        ds = p * (dp - delta[:, None])
-        dtau += tl.sum(ds * raw * inv_nk[None, :], 1) * inv_nq
-        dqh += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
+            s, raw = logits(q, sq, k, inv_nk, bias_h, r, qid, kid, vq, vk, PREC)
+            # l * P = exp2(s - m) and l * dS: the row factor 1 / l is applied once, after the loop
+            p = tl.exp2(s - m[:, None])
+            dp = mma(do, tl.trans(v), PREC)
+            if ps == 0:
+                dl += tl.sum(p * dp, 1)
+            else:
+                ds = p * (dp - delta[:, None])
+                dtau += tl.sum(ds * raw * inv_nk[None, :], 1) * inv_nq
+                dqh += mma(ds.to(DT), unit_rows(k, inv_nk, DT), PREC)
+        if ps == 0:
+            delta = dl * inv_l
+            tl.store(DELTA + row, delta, mask=vq)
 
     dq = normalize_bwd(q, inv_nq, nq, dqh * (tau * inv_l)[:, None])
     store_rows(DQKV + tl.multiple_of(b64 * s_db, AL), tl.multiple_of(qpos * s_dl, AL), h * d, s_dc, d, vq, dq, D, AL)
