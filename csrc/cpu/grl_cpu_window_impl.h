@@ -6,8 +6,10 @@
 // tiles of the product type T (float32 / float64, or bfloat16 for vdpbf16ps): q (A
 // operand, n x d), k^T and v (B operands), raw (bfloat16 stays exact; the dot products are
 // scaled by the float32 inverse norms afterwards); query blocks of 32 rows are complete (n
-// entries) with an exact float32 softmax. Backward (float32 tiles for bfloat16 inputs):
-// recomputes the probabilities (no saved state).
+// entries) with an exact float32 softmax. Backward: recomputes the probabilities (no saved
+// state) per query block; on bf16 tiles for bfloat16 inputs on AVX512-BF16 (all five
+// products, see window_backward_task_bf16), else on GEMM 1's float tiles (float32 / float64
+// inputs always: their results do not depend on the ISA's bf16 support).
 
 #include "grl_cpu_kernels.h"
 
@@ -180,18 +182,24 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
   std::vector<T> qA(n * dk, T(0)), kB(dk * np, T(0)), vB(dk * np, T(0)), kR(nk * dp, T(0)), qT(d * nk, T(0));
   std::vector<acc_t> qh(n * dp, acc_t(0)), kh(n * dp, acc_t(0)), qn(n), kn(n), qinv(n), kinv(n), tkinv(n);
   const acc_t tau = A.tau[h];
+  // In the K = d tiles (k^T, v^T) the VNNI pair (2p, 2p + 1) of column j is 32-bit word p
+  // of row j: one 32-bit store per channel pair.
+  T qb[kMaxStackD + 2], kb[kMaxStackD + 2], vb[kMaxStackD + 2];
+  qb[d] = kb[d] = vb[d] = T(0);  // the K pad when d is odd
+  uint32_t* kB32 = reinterpret_cast<uint32_t*>(kB.data());
+  uint32_t* vB32 = reinterpret_cast<uint32_t*>(vB.data());
   gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
     qinv[j] = inv_norm(q, d);
     kinv[j] = inv_norm(k, d);
     tkinv[j] = tau * kinv[j];
-    for (int64_t c = 0; c < d; ++c) {
-      const T qb = Lay::from(q[c]), kb = Lay::from(k[c]);
-      qA[j * dk + c] = qb;
-      qT[c * nk + j] = qb;
-      kB[Lay::bidx(c, j, np)] = kb;
-      kR[Lay::bidx(j, c, dp)] = kb;
-      vB[Lay::bidx(c, j, np)] = Lay::from(v[c]);
+    for (int64_t c = 0; c < d; ++c) qb[c] = Lay::from(q[c]), kb[c] = Lay::from(k[c]), vb[c] = Lay::from(v[c]);
+    std::memcpy(qA.data() + j * dk, qb, dk * sizeof(T));
+    for (int64_t p = 0; p < dk / 2; ++p) {
+      std::memcpy(kB32 + p * np + j, kb + 2 * p, sizeof(uint32_t));
+      std::memcpy(vB32 + p * np + j, vb + 2 * p, sizeof(uint32_t));
     }
+    T* kr = kR.data() + Lay::bidx(j, 0, dp);
+    for (int64_t c = 0; c < d; ++c) kr[2 * c] = kb[c], qT[c * nk + j] = qb[c];
     qn[j] = normalize_inplace(q, d);
     kn[j] = normalize_inplace(k, d);
     for (int64_t c = 0; c < d; ++c) qh[j * dp + c] = q[c], kh[j * dp + c] = k[c];
@@ -268,6 +276,9 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
 #endif
 
 // rdbias: this chunk's bias gradient in REVERSED table order (the driver flips it).
+// Float tiles (GEMM 1, strided A views for the transposed products): normalized rows,
+// cos = q_hat k_hat^T, dP = dY v^T, dS = P (dP - D), dq_hat = tau dS k_hat,
+// dk_hat += tau dS^T q_hat, dv += P^T dY per query block.
 template <typename scalar_t, typename acc_t>
 void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout, scalar_t* gqkv,
                           acc_t* dtau, acc_t* rdbias) {
