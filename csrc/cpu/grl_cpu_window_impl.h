@@ -6,8 +6,10 @@
 // tiles of the product type T (float32 / float64, or bfloat16 for vdpbf16ps): q (A
 // operand, n x d), k^T and v (B operands), raw (bfloat16 stays exact; the dot products are
 // scaled by the float32 inverse norms afterwards); query blocks of 32 rows are complete (n
-// entries) with an exact float32 softmax. Backward (float32 tiles for bfloat16 inputs):
-// recomputes the probabilities (no saved state).
+// entries) with an exact float32 softmax. Backward: recomputes the probabilities (no saved
+// state) per query block; on bf16 tiles for bfloat16 inputs on AVX512-BF16 (all five
+// products, see window_backward_task_bf16), else on GEMM 1's float tiles (float32 / float64
+// inputs always: their results do not depend on the ISA's bf16 support).
 
 #include "grl_cpu_kernels.h"
 
@@ -133,10 +135,160 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, sca
   }
 }
 
+#if GRL_ISA_LEVEL >= 2
+// Two rows a, b (K indices 2p, 2p + 1) of a bf16 B operand in the VNNI pair layout:
+// out[2 j] = bf16(sa a[j]), out[2 j + 1] = bf16(sb b[j]) (b == nullptr: the zero pad row).
+GRL_INLINE void pack_pair_bf16(const float* __restrict a, float sa, const float* __restrict b, float sb, int64_t n,
+                               uint16_t* __restrict out) {
+  if (b) {
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = float_to_bf16_bits(sa * a[j]);
+      out[2 * j + 1] = float_to_bf16_bits(sb * b[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = float_to_bf16_bits(sa * a[j]);
+      out[2 * j + 1] = 0;
+    }
+  }
+}
+
+// Backward on vdpbf16ps tiles (bfloat16 inputs, AVX512-BF16), float32 accumulation.
+// With raw rows q, k, v (bf16, exact in the tiles), rq = 1 / max(|q|, eps), rk likewise:
+//   cos    = rq_i rk_j (q_i . k_j)          raw dots on the forward's tiles (same bits as its
+//                                             logits: window_logits with tau rq_i and rk_j)
+//   dP     = dY v^T                          dY, v exact
+//   dS     = P (dP - D),  D = sum_j P dP      float32, from these P and dP
+//   dq_hat = sum_j bf16(tau rk_j dS_ij) k_j   (A = scaled dS rows, B = raw k, K = n tokens)
+//   dk_hat^T += q^T bf16(tau rq_i dS_ij)      (A = raw q^T, B = scaled dS as VNNI pairs of
+//   dv^T     += dY^T bf16(P_ij)                 query rows, K = the block's 32 queries)
+// The two transposed products are computed transposed (d x n outputs, transposed back
+// once per task), so the per-block packing writes contiguous rows (pairs of query rows
+// interleaved) instead of transposing dS and P. Only P and tau-scaled dS are rounded to
+// bf16 (the reference in bf16 rounds them, and q_hat, k_hat, too).
+template <typename scalar_t, typename acc_t>
+void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout,
+                               scalar_t* gqkv, acc_t* dtau, acc_t* rdbias) {
+  using T = uint16_t;
+  using Lay = OpLayout<T>;
+  const WindowGeom& g = A.g;
+  const int64_t n = g.n, d = A.d, dp = pad16(d), dk = kpad<T>(d), np = pad16(n), nk = kpad<T>(n), C = A.C;
+  const int64_t L = g.H * g.W, ws = g.ws, side = g.table_side, R = g.table_rows;
+  const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
+  const WindowIndex I(g, win);
+  // bf16 tiles of the raw rows: q (A of cos, n x dk), k^T (B of cos, K = d, N = np),
+  // v^T (B of dP, K = d, N = np), k (B of dq, K = nk, N = dp), q^T (A of dk^T, d x nk);
+  // float32 q_hat, k_hat rows (dp wide) and norms for the normalize backward.
+  std::vector<T> qA(n * dk, T(0)), kB(dk * np, T(0)), vB(dk * np, T(0)), kR(nk * dp, T(0)), qT(d * nk, T(0));
+  std::vector<acc_t> qh(n * dp, acc_t(0)), kh(n * dp, acc_t(0)), qn(n), kn(n), qinv(n), kinv(n), tkinv(n);
+  const acc_t tau = A.tau[h];
+  // In the K = d tiles (k^T, v^T) the VNNI pair (2p, 2p + 1) of column j is 32-bit word p
+  // of row j: one 32-bit store per channel pair.
+  T qb[kMaxStackD + 2], kb[kMaxStackD + 2], vb[kMaxStackD + 2];
+  qb[d] = kb[d] = vb[d] = T(0);  // the K pad when d is odd
+  uint32_t* kB32 = reinterpret_cast<uint32_t*>(kB.data());
+  uint32_t* vB32 = reinterpret_cast<uint32_t*>(vB.data());
+  gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
+    qinv[j] = inv_norm(q, d);
+    kinv[j] = inv_norm(k, d);
+    tkinv[j] = tau * kinv[j];
+    for (int64_t c = 0; c < d; ++c) qb[c] = Lay::from(q[c]), kb[c] = Lay::from(k[c]), vb[c] = Lay::from(v[c]);
+    std::memcpy(qA.data() + j * dk, qb, dk * sizeof(T));
+    for (int64_t p = 0; p < dk / 2; ++p) {
+      std::memcpy(kB32 + p * np + j, kb + 2 * p, sizeof(uint32_t));
+      std::memcpy(vB32 + p * np + j, vb + 2 * p, sizeof(uint32_t));
+    }
+    T* kr = kR.data() + Lay::bidx(j, 0, dp);
+    for (int64_t c = 0; c < d; ++c) kr[2 * c] = kb[c], qT[c * nk + j] = qb[c];
+    qn[j] = normalize_inplace(q, d);
+    kn[j] = normalize_inplace(k, d);
+    for (int64_t c = 0; c < d; ++c) qh[j * dp + c] = q[c], kh[j * dp + c] = k[c];
+  });
+  const int64_t MB = std::min(kQueryBlock, n), MBk = kpad<T>(MB);
+  // per block: raw dots -> P (mb x np), cos, dP -> dS; bf16 operands: dY rows (A of dP),
+  // dY^T (A of dv^T, d x MBk), tau rk dS rows (A of dq, mb x nk), VNNI pairs of
+  // tau rq dS and of P (B of dk^T and dv^T, K = mb, N = np)
+  std::vector<acc_t> P(MB * np), cs(MB * np), dP(MB * np), dQ(MB * dp), dKT(d * np, acc_t(0)), dVT(d * np, acc_t(0));
+  std::vector<T> dYA(MB * dk, T(0)), dYT(d * MBk, T(0)), dSA(MB * nk, T(0)), dSB(MBk * np, T(0)), PB(MBk * np, T(0));
+  const acc_t* rb = A.rbias + h * R;
+  acc_t* rdb = rdbias + h * R;
+  double dt = 0;  // sum of ~n^2 terms with cancellation: rows in acc_t, the total in double
+  for (int64_t i0 = 0; i0 < n; i0 += MB) {
+    const int64_t mb = std::min(MB, n - i0);
+    for (int64_t r = 0; r < mb; ++r) prefetch_row(gout + (b * L + I.pos[i0 + r]) * C + h * d, d, 1);
+    gemm_op<T, acc_t>(mb, np, d, qA.data() + i0 * dk, dk, kB.data(), np, P.data(), np, false);  // raw dots
+    for (int64_t r = 0; r < mb; ++r) {
+      const int64_t i = i0 + r;
+      acc_t* pr = P.data() + r * np;
+      acc_t* cr = cs.data() + r * np;
+      for (int64_t j = 0; j < n; ++j) cr[j] = qinv[i] * kinv[j] * pr[j];  // cos
+      window_logits(g, I, i, tau * qinv[i], rb, pr, kinv.data());     // as the forward
+      softmax_row_inplace(pr, n);
+      const T* gy = reinterpret_cast<const T*>(gout + (b * L + I.pos[i]) * C + h * d);
+      for (int64_t c = 0; c < d; ++c) dYA[r * dk + c] = gy[c], dYT[c * MBk + r] = gy[c];
+    }
+    if (mb & 1)
+      for (int64_t c = 0; c < d; ++c) dYT[c * MBk + mb] = T(0);  // K pad of dv^T
+    gemm_op<T, acc_t>(mb, np, d, dYA.data(), dk, vB.data(), np, dP.data(), np, false);  // dP = dY v^T
+    for (int64_t r = 0; r < mb; ++r) {
+      const acc_t* pr = P.data() + r * np;
+      const acc_t* cr = cs.data() + r * np;
+      acc_t* dr = dP.data() + r * np;
+      const acc_t D = row_dot(pr, dr, n);
+      for (int64_t j = 0; j < n; ++j) dr[j] = pr[j] * (dr[j] - D);  // dS
+      dt += row_dot(dr, cr, n);
+      acc_t* brow = rdb + (R - 1 - I.qoff[i0 + r]);  // reversed: + y2 * side + x2
+      for (int64_t y2 = 0; y2 < ws; ++y2) {
+        acc_t* o = brow + y2 * side;
+        const acc_t* sr = dr + y2 * ws;
+        for (int64_t x2 = 0; x2 < ws; ++x2) o[x2] += sr[x2];
+      }
+      T* sa = dSA.data() + r * nk;
+      for (int64_t j = 0; j < n; ++j) sa[j] = float_to_bf16_bits(tkinv[j] * dr[j]);
+    }
+    for (int64_t r = 0; r < mb; r += 2) {  // query rows (r, r + 1) -> one VNNI pair row
+      const bool two = r + 1 < mb;
+      const acc_t* d1 = dP.data() + r * np;
+      const acc_t* p1 = P.data() + r * np;
+      const acc_t s0 = tau * qinv[i0 + r], s1 = two ? tau * qinv[i0 + r + 1] : acc_t(0);
+      pack_pair_bf16(d1, s0, two ? d1 + np : nullptr, s1, n, dSB.data() + r * np);
+      pack_pair_bf16(p1, acc_t(1), two ? p1 + np : nullptr, acc_t(1), n, PB.data() + r * np);
+    }
+    gemm_op<T, acc_t>(mb, dp, n, dSA.data(), nk, kR.data(), dp, dQ.data(), dp, false);             // dq_hat
+    gemm_op<T, acc_t>(d, np, mb, qT.data() + i0, nk, dSB.data(), np, dKT.data(), np, true);        // dk_hat^T
+    gemm_op<T, acc_t>(d, np, mb, dYT.data(), MBk, PB.data(), np, dVT.data(), np, true);            // dv^T
+    for (int64_t r = 0; r < mb; ++r) {
+      acc_t* dq = dQ.data() + r * dp;
+      normalize_backward_inplace(dq, qh.data() + (i0 + r) * dp, qn[i0 + r], d);
+      store_row(gqkv + (b * L + I.pos[i0 + r]) * 3 * C + h * d, dq, d);
+    }
+  }
+  acc_t dkr[kMaxStackD], dvr[kMaxStackD];
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t c = 0; c < d; ++c) dkr[c] = dKT[c * np + j], dvr[c] = dVT[c * np + j];
+    normalize_backward_inplace(dkr, kh.data() + j * dp, kn[j], d);
+    scalar_t* gk = gqkv + (b * L + I.pos[j]) * 3 * C + C + h * d;
+    store_row(gk, dkr, d);
+    store_row(gk + C, dvr, d);
+  }
+  dtau[h] += static_cast<acc_t>(dt);
+}
+#endif
+
 // rdbias: this chunk's bias gradient in REVERSED table order (the driver flips it).
+// Float tiles (GEMM 1, strided A views for the transposed products): normalized rows,
+// cos = q_hat k_hat^T, dP = dY v^T, dS = P (dP - D), dq_hat = tau dS k_hat,
+// dk_hat += tau dS^T q_hat, dv += P^T dY per query block.
 template <typename scalar_t, typename acc_t>
 void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout, scalar_t* gqkv,
                           acc_t* dtau, acc_t* rdbias) {
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<typename OpType<scalar_t, acc_t>::T, uint16_t>::value) {
+    window_backward_task_bf16(A, task, gout, gqkv, dtau, rdbias);
+    return;
+  } else
+#endif
+  {
   const WindowGeom& g = A.g;
   const int64_t n = g.n, d = A.d, dp = pad16(d), C = A.C, L = g.H * g.W, ws = g.ws, side = g.table_side;
   const int64_t R = g.table_rows;
@@ -205,6 +357,7 @@ void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, co
     store_row(gk + C, dV.data() + j * dp, d);
   }
   dtau[h] += static_cast<acc_t>(dt);
+  }
 }
 
 }  // namespace
