@@ -135,6 +135,25 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, sca
   }
 }
 
+// One query row of the softmax backward, shared by both backward tasks: dP -> dS = P (dP - D)
+// in place, D = sum_j P dP from the same P and dP; returns the row's sum dS * cos (its tau
+// gradient term); adds dS into the row's bias-gradient entries of rdb (REVERSED table order:
+// the row starts at R - 1 - qoff and key (y2, x2) is at + y2 * side + x2).
+template <typename acc_t>
+static GRL_INLINE acc_t softmax_row_backward(const WindowGeom& g, int64_t qoff, const acc_t* pr, const acc_t* cr,
+                                             acc_t* dr, acc_t* rdb) {
+  const int64_t n = g.n, ws = g.ws, side = g.table_side;
+  const acc_t D = row_dot(pr, dr, n);
+  for (int64_t j = 0; j < n; ++j) dr[j] = pr[j] * (dr[j] - D);  // dS
+  acc_t* brow = rdb + (g.table_rows - 1 - qoff);
+  for (int64_t y2 = 0; y2 < ws; ++y2) {
+    acc_t* o = brow + y2 * side;
+    const acc_t* sr = dr + y2 * ws;
+    for (int64_t x2 = 0; x2 < ws; ++x2) o[x2] += sr[x2];
+  }
+  return row_dot(dr, cr, n);
+}
+
 #if GRL_ISA_LEVEL >= 2
 // Two rows a, b (K indices 2p, 2p + 1) of a bf16 B operand in the VNNI pair layout:
 // out[2 j] = bf16(sa a[j]), out[2 j + 1] = bf16(sb b[j]) (b == nullptr: the zero pad row).
@@ -173,7 +192,7 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
   using Lay = OpLayout<T>;
   const WindowGeom& g = A.g;
   const int64_t n = g.n, d = A.d, dp = pad16(d), dk = kpad<T>(d), np = pad16(n), nk = kpad<T>(n), C = A.C;
-  const int64_t L = g.H * g.W, ws = g.ws, side = g.table_side, R = g.table_rows;
+  const int64_t L = g.H * g.W, R = g.table_rows;
   const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
   const WindowIndex I(g, win);
   // bf16 tiles of the raw rows: q (A of cos, n x dk), k^T (B of cos, K = d, N = np),
@@ -234,15 +253,7 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
       const acc_t* pr = P.data() + r * np;
       const acc_t* cr = cs.data() + r * np;
       acc_t* dr = dP.data() + r * np;
-      const acc_t D = row_dot(pr, dr, n);
-      for (int64_t j = 0; j < n; ++j) dr[j] = pr[j] * (dr[j] - D);  // dS
-      dt += row_dot(dr, cr, n);
-      acc_t* brow = rdb + (R - 1 - I.qoff[i0 + r]);  // reversed: + y2 * side + x2
-      for (int64_t y2 = 0; y2 < ws; ++y2) {
-        acc_t* o = brow + y2 * side;
-        const acc_t* sr = dr + y2 * ws;
-        for (int64_t x2 = 0; x2 < ws; ++x2) o[x2] += sr[x2];
-      }
+      dt += softmax_row_backward(g, I.qoff[i0 + r], pr, cr, dr, rdb);
       T* sa = dSA.data() + r * nk;
       for (int64_t j = 0; j < n; ++j) sa[j] = float_to_bf16_bits(tkinv[j] * dr[j]);
     }
@@ -290,7 +301,7 @@ void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, co
 #endif
   {
   const WindowGeom& g = A.g;
-  const int64_t n = g.n, d = A.d, dp = pad16(d), C = A.C, L = g.H * g.W, ws = g.ws, side = g.table_side;
+  const int64_t n = g.n, d = A.d, dp = pad16(d), C = A.C, L = g.H * g.W;
   const int64_t R = g.table_rows;
   const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
   const WindowIndex I(g, win);
@@ -330,15 +341,7 @@ void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, co
       const acc_t* pr = P.data() + r * n;
       const acc_t* cr = S.data() + r * n;
       acc_t* dr = dP.data() + r * n;
-      const acc_t D = row_dot(pr, dr, n);
-      for (int64_t j = 0; j < n; ++j) dr[j] = pr[j] * (dr[j] - D);  // dS
-      dt += row_dot(dr, cr, n);
-      acc_t* brow = rdb + (R - 1 - I.qoff[i0 + r]);  // reversed: + y2 * side + x2
-      for (int64_t y2 = 0; y2 < ws; ++y2) {
-        acc_t* o = brow + y2 * side;
-        const acc_t* sr = dr + y2 * ws;
-        for (int64_t x2 = 0; x2 < ws; ++x2) o[x2] += sr[x2];
-      }
+      dt += softmax_row_backward(g, I.qoff[i0 + r], pr, cr, dr, rdb);
     }
     gemm<acc_t>(mb, dp, n, tau, dP.data(), n, 1, kh.data(), dp, dQ.data(), dp, false);               // dq_hat
     gemm<acc_t>(n, dp, mb, tau, dP.data(), 1, n, qh.data() + i0 * dp, dp, dK.data(), dp, true);      // dk_hat
