@@ -26,7 +26,14 @@ def golden(fixtures_dir):
     return m, d["input"], d["output"]
 
 
-def test_inplace_inference_path_is_bit_identical(golden):
+@pytest.mark.parametrize("chunk_rows", [None, 100])
+def test_inplace_inference_path_is_bit_identical(golden, monkeypatch, chunk_rows):
+    """No-grad blocks: residuals in place and the per-token tail in row chunks (100 rows: a short
+    last chunk; None: the default sizing), bit-identical to the autograd path."""
+    from grl_kernels.models.layers import EfficientMixAttnTransformerBlock as Block
+
+    if chunk_rows is not None:
+        monkeypatch.setattr(Block, "inference_chunk_rows", lambda self, x: chunk_rows)
     m, x, _ = golden
     with torch.enable_grad():
         autograd_path = m(x).detach()
@@ -40,11 +47,21 @@ def test_inplace_inference_path_is_bit_identical(golden):
               stripe_groups=[None, 2], anchor_window_down_factor=2, upscale=1, upsampler="", init_method="r",
               local_connection=True)
     m2 = GRL(**kw).eval()
-    x2 = torch.rand(1, 3, 16, 16)
+    x2 = torch.rand(2, 3, 16, 24)  # batch 2: chunks cross from one image into the next
     with torch.enable_grad():
         a = m2(x2).detach()
     with torch.no_grad():
         assert torch.equal(m2(x2), a)
+
+
+def test_inference_chunk_rows():
+    from grl_kernels.models.layers import EfficientMixAttnTransformerBlock as Block
+
+    blk = GRL(embed_dim=32, depths=[1], num_heads_window=[1], num_heads_stripe=[1], mlp_ratio=2).layers[0].blocks[0]
+    x = torch.empty(2, 4096, 32)
+    assert blk.inference_chunk_rows(x) == Block.INFERENCE_CHUNK_BYTES // (64 * 4)  # hidden rows of ~1 MiB
+    assert blk.inference_chunk_rows(x.bfloat16()) == 2 * blk.inference_chunk_rows(x)
+    assert blk.inference_chunk_rows(torch.empty(1, 10, 32)) == 10
 
 
 def test_best_dtype(monkeypatch):

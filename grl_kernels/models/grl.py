@@ -20,6 +20,7 @@ from ..heap import heap_cache
 from ..modules import AnchoredStripeAttention, WindowAttention
 from .layers import (
     CONV_TYPES,
+    _compiling,
     check_anchor_projection,
     TransformerStage,
     Upsample,
@@ -28,11 +29,6 @@ from .layers import (
     blc_to_bchw,
     build_last_conv,
 )
-
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
-
 
 UPSAMPLERS = ("pixelshuffle", "pixelshuffledirect", "nearest+conv", "")
 INIT_METHODS = ("", "n", "r", "w", "x", "t", "fan_in")

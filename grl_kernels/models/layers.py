@@ -17,6 +17,11 @@ from torch import nn
 from ..modules import AnchoredStripeAttention, WindowAttention
 
 
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
 def blc_to_bchw(x: torch.Tensor, x_size) -> torch.Tensor:
     B, L, C = x.shape
     return x.transpose(1, 2).reshape(B, C, *x_size)
@@ -99,7 +104,16 @@ class CAB(nn.Module):
     def forward(self, x, x_size):
         # (B, L, C) viewed as NCHW is channels-last: the convolutions run on it as it is and give
         # channels-last outputs, whose (B, L, C) view is contiguous again (no layout copies)
-        return bchw_to_blc(self.cab(blc_to_bchw(x, x_size)))
+        x = blc_to_bchw(x, x_size)
+        if torch.is_grad_enabled() or _compiling():
+            return bchw_to_blc(self.cab(x))
+        # inference: GELU and the channel-attention product in place (same values, two C x L
+        # tensors fewer alive at once)
+        conv1, gelu, conv2, ca = self.cab
+        h = conv1(x)
+        h = torch.ops.aten.gelu_(h, approximate=gelu.approximate) if isinstance(gelu, nn.GELU) else gelu(h)
+        h = conv2(h)
+        return bchw_to_blc(h.mul_(ca.attention(h)))
 
 
 class SeparableConv(nn.Sequential):
@@ -284,6 +298,17 @@ class MixedAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, x_size):
+        x_window, x_stripe = self.branches(x, x_size)
+        out = torch.cat([x_window, x_stripe], dim=-1)
+        del x_window, x_stripe
+        return self.project(out)
+
+    def project(self, out):
+        """The output projection of the concatenated [window | stripe] outputs (B, ..., C)."""
+        return self.proj_drop(self.proj(out))
+
+    def branches(self, x, x_size):
+        """The two attention outputs, window (B, L, C/2) and stripe (B, L, C/2), before the projection."""
         C = x.shape[-1]
         anchor = self.anchor(x, x_size)
         if self.qkv.proj_type == "linear":
@@ -303,10 +328,7 @@ class MixedAttention(nn.Module):
             x_window = self.window_attn(qkv_window, x_size)
             del qkv_window
         x_stripe = self.stripe_attn(qkv_stripe, anchor, x_size)
-        del qkv_stripe, anchor
-        out = torch.cat([x_window, x_stripe], dim=-1)
-        del x_window, x_stripe
-        return self.proj_drop(self.proj(out))
+        return x_window, x_stripe
 
 
 class EfficientMixAttnTransformerBlock(nn.Module):
@@ -341,12 +363,15 @@ class EfficientMixAttnTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.norm2 = norm_layer(dim)
 
+    # inference: tokens per chunk of the per-token tail of the block (projection, norms, residuals,
+    # MLP), sized so that a chunk's MLP hidden rows take about this many bytes (L2-sized)
+    INFERENCE_CHUNK_BYTES = 1 << 20
+
     def forward(self, x, x_size, owns_input: bool = False):
         """``owns_input``: the caller no longer needs ``x``, which may then be overwritten.
 
-        Without autograd (no_grad or inference_mode, eval mode) the residual sums are done in place, into x when the block
-        owns it and else into the fresh branch output, with the same operands in the same order as
-        the autograd path (bit-identical results, one L*C tensor less at the MLP's peak).
+        Without autograd (no_grad or inference_mode, eval mode) the block runs
+        :meth:`_inference_forward`: same operands in the same order as the autograd path.
         """
         if torch.is_grad_enabled() or self.training:
             if self.local_connection:
@@ -354,19 +379,72 @@ class EfficientMixAttnTransformerBlock(nn.Module):
             else:
                 x = x + self.res_scale * self.drop_path(self.norm1(self.attn(x, x_size)))
             return x + self.res_scale * self.drop_path(self.norm2(self.mlp(x)))
-        a = self.norm1(self.attn(x, x_size))
-        if self.res_scale != 1.0:
-            a = a.mul_(self.res_scale)
+        return self._inference_forward(x, x_size, owns_input)
+
+    def inference_chunk_rows(self, x) -> int:
+        """Token rows per chunk of the per-token tail in :meth:`_inference_forward`."""
+        n = x.numel() // x.shape[-1]
+        if _compiling():
+            return n  # one chunk: the compiler plans the buffers itself
+        hidden = self.mlp.fc1.out_features
+        return min(n, max(64, self.INFERENCE_CHUNK_BYTES // (hidden * x.element_size())))
+
+    def _inference_forward(self, x, x_size, owns_input):
+        """The attention branches on the whole image, then everything per token in row chunks:
+
+            y = x + res_scale * norm1(proj([window | stripe])) [+ CAB(x)]
+            y = y + res_scale * norm2(mlp(y))
+
+        The residual sums are done in place, into x when the block owns it and else into a
+        fresh tensor, with the operands of the autograd path in the same order (bit-identical
+        when the linear layers give the same bits per row for any row count, as oneDNN / MKL
+        do). Only chunk-sized temporaries are made after the branches: no L x C projection,
+        norm or sum and no L x hidden MLP tensor (a quarter of GRL-B's inference peak).
+        """
+        x_window, x_stripe = self.attn.branches(x, x_size)
         c = self.conv(x, x_size) if self.local_connection else None  # needs the block input intact
-        x = x.add_(a) if owns_input else a.add_(x)  # x + a either way (addition commutes exactly)
-        del a
-        if c is not None:
-            x = x.add_(c)
-            del c
-        m = self.norm2(self.mlp(x))
-        if self.res_scale != 1.0:
-            m = m.mul_(self.res_scale)
-        return x.add_(m)
+        C = x.shape[-1]
+        n = x.numel() // C
+        owns = owns_input and x.is_contiguous()
+        out = x if owns else None
+        xf = x.reshape(-1, C)
+        of = xf if owns else None
+        # [window, stripe, CAB] rows, dropped as soon as the last chunk has used them (with one
+        # chunk the peak is then the unchunked one: branches freed after the concatenation)
+        parts = [x_window.reshape(n, -1), x_stripe.reshape(n, -1), None if c is None else c.reshape(n, C)]
+        del x_window, x_stripe, c
+        rows = self.inference_chunk_rows(x)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            last = r1 == n
+            t = torch.cat([parts[0][r0:r1], parts[1][r0:r1]], dim=-1)
+            if last:
+                parts[0] = parts[1] = None
+            a = self.norm1(self.attn.project(t))
+            del t
+            if self.res_scale != 1.0:
+                a = a.mul_(self.res_scale)
+            if owns:
+                y = of[r0:r1].add_(a)
+            elif r1 - r0 == n:  # one chunk (and under torch.compile): a + x into a
+                y = of = a.add_(xf)
+                out = y.view(x.shape)
+            else:
+                if out is None:  # the dtype of x + a (float32 under autocast's float32 norms)
+                    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, a.dtype), device=x.device)
+                    of = out.view(-1, C)
+                y = torch.add(xf[r0:r1], a, out=of[r0:r1])  # x + a (the autograd path's operands)
+            del a
+            if parts[2] is not None:
+                y.add_(parts[2][r0:r1])
+                if last:
+                    parts[2] = None
+            m = self.norm2(self.mlp(y))
+            if self.res_scale != 1.0:
+                m = m.mul_(self.res_scale)
+            y.add_(m)
+            del m
+        return out
 
 
 CONV_TYPES = ("1conv", "3conv", "1conv1x1", "linear")

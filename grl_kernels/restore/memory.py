@@ -90,11 +90,21 @@ def estimate_memory(model, size: Sequence[int], dtype=torch.float32, backend: Op
         attn = held + 4 * C + anchors  # qkv (3C) and both attention outputs (C); freed before cat + proj
     if backend == "reference":
         attn = held + 3 * C + _reference_attention_elems(m, L)
-    mlp = held + r * C + C  # fc1 output (GELU in place) and fc2's
-    body = max(attn, mlp)
-    if getattr(m.layers[0].blocks[0], "local_connection", False):
-        # CAB, while the attention branch's output (C) waits: conv outputs C/4 and C, the channel-attention product C
-        body = max(body, held + 3.25 * C)
+    cab = getattr(m.layers[0].blocks[0], "local_connection", False)
+    # after the branches, the block's tail (projection, norms, residuals, MLP) runs in token chunks
+    # (EfficientMixAttnTransformerBlock._inference_forward): the attention outputs (C), CAB's
+    # output (C) and one chunk's temporaries, at most max(2, r + 1) C per chunk row (concatenation
+    # and projection; MLP hidden and fc2 output)
+    frac = _chunk_rows(m, r, C, L, dtype) / L
+    keep = 2 * C if cab else C
+    if frac >= 1:  # one chunk: the branches are freed after the concatenation, CAB's output after its sum
+        chunk = held + max(keep + C, (r + 1) * C)
+    else:
+        chunk = held + keep + frac * max(2 * C, (r + 1) * C)
+    body = max(attn, chunk)
+    if cab:
+        # CAB while the attention outputs wait: conv outputs C/4 and C (GELU and the channel-attention product in place)
+        body = max(body, held + 2.25 * C)
     nf = 64
     if m.upsampler == "pixelshuffle":
         steps = [4] * int(round(math.log2(scale))) if scale & (scale - 1) == 0 else [9]
@@ -117,6 +127,12 @@ def estimate_memory(model, size: Sequence[int], dtype=torch.float32, backend: Op
         tail = 2 * C / (scale * scale) + frac * tail + 2 * cout
     per_token = max(body, tail) + 2 * cin  # + the padded and normalized input
     return int(per_token * L * _element_size(dtype))
+
+
+def _chunk_rows(m, r, C, L, dtype) -> int:
+    """Token rows per chunk of the block tail (EfficientMixAttnTransformerBlock.inference_chunk_rows)."""
+    per_row = max(1, int(r * C) * _element_size(dtype))
+    return min(L, max(64, getattr(m.layers[0].blocks[0], "INFERENCE_CHUNK_BYTES", L * per_row) // per_row))
 
 
 # ---------------------------------------------------------------- free memory
