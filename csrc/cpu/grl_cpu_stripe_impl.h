@@ -258,6 +258,104 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
   }
 }
 
+// ---- backward helpers shared by the float-tile and the bf16-tile task
+
+// One token row of the stage-2 softmax backward: dP -> dS = P (dP - D) in place, D = sum_i P dP
+// from the same P and dP; returns sum_i dS cos (the row's tau2 term); adds dS into the row's
+// bias-gradient entries of rdb2 (REVERSED: the row starts at R - 1 - tbase, anchor i at + aoff[i]).
+template <typename acc_t>
+GRL_INLINE acc_t stage2_row_backward(const StripeGeom& g, int64_t tbase, const acc_t* pr, const acc_t* cr, acc_t* dr,
+                                     acc_t* rdb2) {
+  const int64_t n2 = g.n2;
+  const acc_t D = row_dot(pr, dr, n2);
+  for (int64_t i = 0; i < n2; ++i) dr[i] = pr[i] * (dr[i] - D);  // dS
+  acc_t* brow = rdb2 + (g.table_rows - 1 - tbase);
+  for (int64_t u = 0; u < g.ah; ++u)
+    for (int64_t v = 0; v < g.aw; ++v) brow[u * g.table_w + v] += dr[u * g.aw + v];
+  return row_dot(dr, cr, n2);
+}
+
+// Stage-1 anchor row over a token block, recomputed exactly as stripe_forward_task computed it:
+// pr holds the raw dots a . k_j (in) and P = exp(s - m) * (1/l) from the saved (m, 1/l) (out);
+// cr the cosines ra rk_j (a . k_j).
+template <typename acc_t>
+GRL_INLINE void stage1_row_probs(const StripeGeom& g, acc_t tau1, const acc_t* rb1, acc_t ainv, int64_t abase, int aid,
+                                 const TokenBlock& TB, const acc_t* kinv, acc_t m, acc_t il, acc_t* pr, acc_t* cr) {
+  const int64_t nb = TB.nb;
+  for (int64_t jj = 0; jj < nb; ++jj) cr[jj] = ainv * kinv[jj] * pr[jj];  // cos
+  stage1_logits(g, tau1 * ainv, rb1, abase, aid, TB, pr, kinv);
+  for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = exp_fast(pr[jj] - m) * il;
+}
+
+// Stage-1 anchor row: dP -> dS = P (dP - D) in place (D = D1 of the row); returns sum_j dS cos
+// (its tau1 term); adds dS into the row's bias-gradient runs of rdb1 (REVERSED: + toff[jj]).
+template <typename acc_t>
+GRL_INLINE acc_t stage1_row_backward(const StripeGeom& g, const TokenBlock& TB, int64_t abase, acc_t D,
+                                     const acc_t* pr, const acc_t* cr, acc_t* dr, acc_t* rdb1) {
+  const int64_t nb = TB.nb;
+  for (int64_t jj = 0; jj < nb; ++jj) dr[jj] = pr[jj] * (dr[jj] - D);  // dS
+  acc_t* bw = rdb1 + (g.table_rows - 1 - abase);
+  for (int64_t r = 0; r < TB.nruns; ++r) {
+    const BiasRun run = TB.runs[r];
+    acc_t* o = bw + run.off;
+    const acc_t* s = dr + run.j0;
+    for (int64_t x = 0; x < run.len; ++x) o[x] += s[x];
+  }
+  return row_dot(dr, cr, nb);
+}
+
+// A buffer one stage-1 block fills (kept between pass B's sweeps).
+struct BlockBuf {
+  void* p;
+  int64_t bytes;
+};
+
+// Pass B's two sweeps over the token blocks. block(jb, full) fills one block's buffers (P and dP:
+// n2 rows of stride kBlock; full: also those only the gradients need) and returns nb.
+// D1 = sum_j P dP over the recomputed rows (as the reference's softmax backward), in a first
+// sweep: dZ . Z (Z from the forward's online softmax) differs from it by rounding that tau1
+// amplifies in every dS of the row (anchor gradients at tau 100: 10-40x the reference's error).
+// Windows whose blocks fit kStage1CacheFloats keep the first sweep's bufs (per-thread scratch,
+// <= 512 KB, L2-resident) and the second sweep reads them back instead of recomputing (GRL-T/S
+// stripes 8 x 64 with f = 4: 32 x 512 per window); it hands grad(nb) each block.
+template <typename acc_t, int NB, typename Block, typename Grad>
+GRL_INLINE void stage1_sweeps(const StripeGeom& g, int64_t win, TokenBlock& TB, const BlockBuf (&bufs)[NB],
+                              const acc_t* P, const acc_t* dP, acc_t* D1, const Block& block, const Grad& grad) {
+  const int64_t n1 = g.n1, n2 = g.n2, nblocks = (n1 + kBlock - 1) / kBlock;
+  int64_t per_block = 0;
+  for (const BlockBuf& x : bufs) per_block += x.bytes;
+  const bool cached = nblocks * per_block <= kStage1CacheFloats * static_cast<int64_t>(sizeof(acc_t));
+  std::vector<char> cache(cached ? nblocks * per_block : 0);
+  auto keep = [&](int64_t blk, bool store) {  // store: scratch <- block buffers; else back
+    char* base = cache.data() + blk * per_block;
+    for (const BlockBuf& x : bufs) {
+      if (store) std::memcpy(base, x.p, x.bytes);
+      else std::memcpy(x.p, base, x.bytes);
+      base += x.bytes;
+    }
+  };
+  {
+    std::vector<double> dsum(n2, 0.0);
+    for (int64_t jb = 0; jb < n1; jb += kBlock) {
+      const int64_t nb = block(jb, cached);
+      for (int64_t i = 0; i < n2; ++i) dsum[i] += row_dot(P + i * kBlock, dP + i * kBlock, nb);
+      if (cached) keep(jb / kBlock, true);
+    }
+    for (int64_t i = 0; i < n2; ++i) D1[i] = static_cast<acc_t>(dsum[i]);
+  }
+  for (int64_t jb = 0; jb < n1; jb += kBlock) {
+    int64_t nb;
+    if (cached) {
+      TB.index(g, win, jb);
+      nb = TB.nb;
+      keep(jb / kBlock, false);
+    } else {
+      nb = block(jb, true);
+    }
+    grad(nb);
+  }
+}
+
 // rdb1 / rdb2: this chunk's bias gradients in REVERSED table order (the driver flips them).
 template <typename scalar_t, typename acc_t>
 void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout,
@@ -299,16 +397,10 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
     for (int64_t jj = 0; jj < nb; ++jj) {
       const acc_t* cr = cs.data() + jj * n2;
       acc_t* pr = P.data() + jj * n2;
-      acc_t* dr = dP.data() + jj * n2;
       for (int64_t i = 0; i < n2; ++i) pr[i] = cr[i];
       stage2_logits(g, tau2, rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), pr);
       softmax_inplace(pr, n2);
-      const acc_t D = row_dot(pr, dr, n2);
-      for (int64_t i = 0; i < n2; ++i) dr[i] = pr[i] * (dr[i] - D);  // dS
-      dt2 += row_dot(dr, cr, n2);
-      acc_t* brow = rdb2 + (R - 1 - TB.tbase[jj]);  // reversed: + aoff[i] = u * table_w + v
-      for (int64_t u = 0; u < g.ah; ++u)
-        for (int64_t v = 0; v < g.aw; ++v) brow[u * g.table_w + v] += dr[u * g.aw + v];
+      dt2 += stage2_row_backward(g, TB.tbase[jj], pr, cr, dP.data() + jj * n2, rdb2);
     }
     gemm<acc_t>(n2, dp, nb, acc_t(1), P.data(), 1, n2, dYb.data(), dp, dZ.data(), dp, true);   // dZ += P^T dY
     gemm<acc_t>(n2, dp, nb, tau2, dP.data(), 1, n2, xb.data(), dp, dA.data(), dp, true);       // da_hat += tau dS^T q_hat
@@ -322,7 +414,7 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
 
   // ---- pass B: stage 1 backward per token block (probabilities from the saved (m, 1/l))
   // The logits are recomputed exactly as stripe_forward_task computed them (raw anchor and key
-  // rows on the same product tiles, then tau1 / |a| / |k| and the bias, stage1_logits), so
+  // rows on the same product tiles, then tau1 / |a| / |k| and the bias, stage1_row_probs), so
   // that s - m is exact and the recomputed row sums to 1: a logit an ulp off (a_hat . k_hat
   // instead) scales P by ~tau * 1e-7, which the cancelling logit-scale gradient does not forgive.
   using T = typename OpType<scalar_t, acc_t>::T;
@@ -351,84 +443,35 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
     load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));
     gemm_op<T, acc_t>(n2, pad16(nb), d, aA.data(), dk, kB.data(), kBlock, P.data(), kBlock, false);  // raw dots
     gemm<acc_t>(n2, nb, d, acc_t(1), dZ.data(), dp, 1, vT.data(), kBlock, dP.data(), kBlock, false);       // dZ v^T
-    for (int64_t i = 0; i < n2; ++i) {
-      acc_t* cr = cs.data() + i * kBlock;
-      acc_t* pr = P.data() + i * kBlock;
-      for (int64_t jj = 0; jj < nb; ++jj) cr[jj] = AR.anorm[i] * kinv[jj] * pr[jj];  // cos
-      stage1_logits(g, tau1 * AR.anorm[i], rb1, AR.abase[i], AR.aid[i], TB, pr, kinv.data());
-      const acc_t mi = st[2 * i], il = st[2 * i + 1];
-      for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = exp_fast(pr[jj] - mi) * il;
-    }
+    for (int64_t i = 0; i < n2; ++i)
+      stage1_row_probs(g, tau1, rb1, AR.anorm[i], AR.abase[i], AR.aid[i], TB, kinv.data(), st[2 * i], st[2 * i + 1],
+                       P.data() + i * kBlock, cs.data() + i * kBlock);
     return nb;
   };
-  // D1 = sum_j P dP over the recomputed rows (as the reference's softmax backward), in a first
-  // sweep: dZ . Z (Z from the forward's online softmax) differs from it by rounding that tau1
-  // amplifies in every dS of the row (anchor gradients at tau 100: 10-40x the reference's error).
-  // Windows whose blocks fit kStage1CacheFloats keep the first sweep's P, dP, cos and k_hat
-  // rows (per-thread scratch, <= 512 KB, L2-resident) and the second sweep reads them back
-  // instead of recomputing (GRL-T/S stripes 8 x 64 with f = 4: 32 x 512 per window).
-  const int64_t nblocks = (n1 + kBlock - 1) / kBlock, per_block = 3 * n2 * kBlock + kBlock * dp + kBlock;
-  const bool cached = nblocks * per_block <= kStage1CacheFloats;
-  std::vector<acc_t> cache(cached ? nblocks * per_block : 0);
-  auto keep = [&](int64_t blk, bool store) {  // store: scratch <- block buffers; else back
-    acc_t* base = cache.data() + blk * per_block;
-    acc_t* bufs[5] = {P.data(), dP.data(), cs.data(), xb.data(), xn.data()};
-    const int64_t sizes[5] = {n2 * kBlock, n2 * kBlock, n2 * kBlock, kBlock * dp, kBlock};
-    for (int k = 0; k < 5; ++k) {
-      if (store) std::memcpy(base, bufs[k], sizes[k] * sizeof(acc_t));
-      else std::memcpy(bufs[k], base, sizes[k] * sizeof(acc_t));
-      base += sizes[k];
-    }
-  };
-  {
-    std::vector<double> dsum(n2, 0.0);
-    for (int64_t jb = 0; jb < n1; jb += kBlock) {
-      const int64_t nb = block(jb, cached);
-      for (int64_t i = 0; i < n2; ++i) dsum[i] += row_dot(P.data() + i * kBlock, dP.data() + i * kBlock, nb);
-      if (cached) keep(jb / kBlock, true);
-    }
-    for (int64_t i = 0; i < n2; ++i) D1[i] = static_cast<acc_t>(dsum[i]);
-  }
-  for (int64_t jb = 0; jb < n1; jb += kBlock) {
-    int64_t nb;
-    if (cached) {
-      TB.index(g, win, jb);
-      nb = TB.nb;
-      keep(jb / kBlock, false);
-    } else {
-      nb = block(jb, true);
-    }
+  auto grad = [&](int64_t nb) {
     for (int64_t jj = 0; jj < nb; ++jj) {
       scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
       prefetch_row_for_write(gk, d);
       prefetch_row_for_write(gk + C, d);
     }
-    for (int64_t i = 0; i < n2; ++i) {
-      acc_t* cr = cs.data() + i * kBlock;
-      acc_t* pr = P.data() + i * kBlock;
-      acc_t* dr = dP.data() + i * kBlock;
-      const acc_t Di = D1[i];
-      for (int64_t jj = 0; jj < nb; ++jj) dr[jj] = pr[jj] * (dr[jj] - Di);  // dS
-      dt1 += row_dot(dr, cr, nb);
-      acc_t* bw = rdb1 + (R - 1 - AT.abase[i]);  // reversed: + toff[jj]
-      for (int64_t r = 0; r < TB.nruns; ++r) {
-        const BiasRun run = TB.runs[r];
-        acc_t* o = bw + run.off;
-        const acc_t* s = dr + run.j0;
-        for (int64_t x = 0; x < run.len; ++x) o[x] += s[x];
-      }
-    }
+    for (int64_t i = 0; i < n2; ++i)
+      dt1 += stage1_row_backward(g, TB, AT.abase[i], D1[i], P.data() + i * kBlock, cs.data() + i * kBlock,
+                                 dP.data() + i * kBlock, rdb1);
     gemm<acc_t>(nb, dp, n2, acc_t(1), P.data(), 1, kBlock, dZ.data(), dp, dVb.data(), dp, false);     // dv = P^T dZ
     gemm<acc_t>(nb, dp, n2, tau1, dP.data(), 1, kBlock, AT.ahat.data(), dp, dXb.data(), dp, false);  // dk_hat
     gemm<acc_t>(n2, dp, nb, tau1, dP.data(), kBlock, 1, xb.data(), dp, dA.data(), dp, true);         // da_hat
     for (int64_t jj = 0; jj < nb; ++jj) {
-      acc_t* dk = dXb.data() + jj * dp;
-      normalize_backward_inplace(dk, xb.data() + jj * dp, xn[jj], d);
+      acc_t* dkr = dXb.data() + jj * dp;
+      normalize_backward_inplace(dkr, xb.data() + jj * dp, xn[jj], d);
       scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
-      store_row(gk, dk, d);
+      store_row(gk, dkr, d);
       store_row(gk + C, dVb.data() + jj * dp, d);
     }
-  }
+  };
+  constexpr int64_t F = sizeof(acc_t);
+  const BlockBuf bufs[] = {{P.data(), n2 * kBlock * F}, {dP.data(), n2 * kBlock * F}, {cs.data(), n2 * kBlock * F},
+                           {xb.data(), kBlock * dp * F}, {xn.data(), kBlock * F}};
+  stage1_sweeps(g, win, TB, bufs, P.data(), dP.data(), D1.data(), block, grad);
   // ---- anchors: both stages contributed to dA (gradient w.r.t. a_hat)
   for (int64_t i = 0; i < n2; ++i) {
     acc_t* dar = dA.data() + i * dp;
