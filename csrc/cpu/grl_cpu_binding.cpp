@@ -53,7 +53,7 @@ std::string cpu_path() {
   static const char* const kPaths[] = {
       "baseline x86-64/portable C++ tiles (float32 products; bfloat16 inputs via float32)",
       "AVX2+FMA float32 register tiles (bfloat16 inputs via float32 tiles)",
-      "AVX-512 float32 register tiles + AVX512-BF16 vdpbf16ps bfloat16 tiles (forwards, window backward)",
+      "AVX-512 float32 register tiles + AVX512-BF16 vdpbf16ps bfloat16 tiles (forwards, window backward, stripe backward's dq, dk, d anchor)",
   };
   std::string s = std::string(kIsaNames[isa_level()]) + ": " + kPaths[isa_level()];
 #if defined(__AVX512F__)

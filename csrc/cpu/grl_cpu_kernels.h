@@ -123,6 +123,23 @@ static GRL_INLINE uint16_t float_to_bf16_bits(float f) {
   return (u & 0x7fffffffu) > 0x7f800000u ? static_cast<uint16_t>((u >> 16) | 0x40u) : static_cast<uint16_t>(rounded);
 }
 
+// Two rows a, b (K indices 2p, 2p + 1) of a bf16 B operand in the VNNI pair layout:
+// out[2 j] = bf16(sa a[j]), out[2 j + 1] = bf16(sb b[j]) (b == nullptr: the zero pad row).
+static GRL_INLINE void pack_pair_bf16(const float* __restrict a, float sa, const float* __restrict b, float sb, int64_t n,
+                                          uint16_t* __restrict out) {
+  if (b) {
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = float_to_bf16_bits(sa * a[j]);
+      out[2 * j + 1] = float_to_bf16_bits(sb * b[j]);
+    }
+  } else {
+    for (int64_t j = 0; j < n; ++j) {
+      out[2 * j] = float_to_bf16_bits(sa * a[j]);
+      out[2 * j + 1] = 0;
+    }
+  }
+}
+
 // r[0:d] = src[0:d * stride:stride] converted to the accumulation type; the common
 // contiguous case (channel stride 1) gets its own loop, which vectorizes.
 template <typename scalar_t, typename acc_t>

@@ -11,12 +11,14 @@
 // (max, 1 / sum); stage 2 rows (N2 entries) are complete and use an exact softmax. Logits,
 // softmax statistics and every accumulation are float32 (float64 for float64 inputs); stage
 // 1's P v stays on float32 tiles (see below).
-// Backward (float32 tiles for bfloat16 inputs): recomputes probabilities (pass A: stage 2,
-// giving dq, dZ and part of d a_hat; pass B: stage 1 from the saved (m, 1/l), giving dk, dv and
-// the rest of d a_hat). Pass B recomputes the stage-1 logits exactly as the forward did and
-// takes D1 = sum_j P dP from a first sweep over the blocks (kept in per-thread scratch when the
-// window is small enough, kStage1CacheFloats), so that the cancelling gradients (logit scale,
-// anchors at tau ~100) stay within 2x of the reference's float32 error.
+// Backward: recomputes probabilities (pass A: stage 2, giving dq, dZ and part of d a_hat; pass
+// B: stage 1 from the saved (m, 1/l), giving dk, dv and the rest of d a_hat). Pass B recomputes
+// the stage-1 logits exactly as the forward did and takes D1 = sum_j P dP from a first sweep over
+// the blocks (kept in per-thread scratch when the window is small enough, kStage1CacheFloats), so
+// that the cancelling gradients (logit scale, anchors at tau ~100) stay within 2x of the
+// reference's float32 error. Float32 / float64 inputs: GEMM 1's float tiles. bfloat16 inputs on
+// AVX512-BF16: stripe_backward_task_bf16, the logits and the dq, dk, d a_hat products on bf16
+// tiles (tau-scaled dS rounded), dP, dZ and dv on float32 zmm tiles.
 
 #include "grl_cpu_kernels.h"
 
@@ -258,11 +260,323 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
   }
 }
 
+// ---- backward helpers shared by the float-tile and the bf16-tile task
+
+// One token row of the stage-2 softmax backward: dP -> dS = P (dP - D) in place, D = sum_i P dP
+// from the same P and dP; returns sum_i dS cos (the row's tau2 term); adds dS into the row's
+// bias-gradient entries of rdb2 (REVERSED: the row starts at R - 1 - tbase, anchor i at + aoff[i]).
+template <typename acc_t>
+GRL_INLINE acc_t stage2_row_backward(const StripeGeom& g, int64_t tbase, const acc_t* pr, const acc_t* cr, acc_t* dr,
+                                     acc_t* rdb2) {
+  const int64_t n2 = g.n2;
+  const acc_t D = row_dot(pr, dr, n2);
+  for (int64_t i = 0; i < n2; ++i) dr[i] = pr[i] * (dr[i] - D);  // dS
+  acc_t* brow = rdb2 + (g.table_rows - 1 - tbase);
+  for (int64_t u = 0; u < g.ah; ++u)
+    for (int64_t v = 0; v < g.aw; ++v) brow[u * g.table_w + v] += dr[u * g.aw + v];
+  return row_dot(dr, cr, n2);
+}
+
+// Stage-1 anchor row over a token block, recomputed exactly as stripe_forward_task computed it:
+// pr holds the raw dots a . k_j (in) and P = exp(s - m) * (1/l) from the saved (m, 1/l) (out);
+// cr the cosines ra rk_j (a . k_j).
+template <typename acc_t>
+GRL_INLINE void stage1_row_probs(const StripeGeom& g, acc_t tau1, const acc_t* rb1, acc_t ainv, int64_t abase, int aid,
+                                 const TokenBlock& TB, const acc_t* kinv, acc_t m, acc_t il, acc_t* pr, acc_t* cr) {
+  const int64_t nb = TB.nb;
+  for (int64_t jj = 0; jj < nb; ++jj) cr[jj] = ainv * kinv[jj] * pr[jj];  // cos
+  stage1_logits(g, tau1 * ainv, rb1, abase, aid, TB, pr, kinv);
+  for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = exp_fast(pr[jj] - m) * il;
+}
+
+// Stage-1 anchor row: dP -> dS = P (dP - D) in place (D = D1 of the row); returns sum_j dS cos
+// (its tau1 term); adds dS into the row's bias-gradient runs of rdb1 (REVERSED: + toff[jj]).
+template <typename acc_t>
+GRL_INLINE acc_t stage1_row_backward(const StripeGeom& g, const TokenBlock& TB, int64_t abase, acc_t D,
+                                     const acc_t* pr, const acc_t* cr, acc_t* dr, acc_t* rdb1) {
+  const int64_t nb = TB.nb;
+  for (int64_t jj = 0; jj < nb; ++jj) dr[jj] = pr[jj] * (dr[jj] - D);  // dS
+  acc_t* bw = rdb1 + (g.table_rows - 1 - abase);
+  for (int64_t r = 0; r < TB.nruns; ++r) {
+    const BiasRun run = TB.runs[r];
+    acc_t* o = bw + run.off;
+    const acc_t* s = dr + run.j0;
+    for (int64_t x = 0; x < run.len; ++x) o[x] += s[x];
+  }
+  return row_dot(dr, cr, nb);
+}
+
+// A buffer one stage-1 block fills (kept between pass B's sweeps).
+struct BlockBuf {
+  void* p;
+  int64_t bytes;
+};
+
+// Pass B's two sweeps over the token blocks. block(jb, full) fills one block's buffers (P and dP:
+// n2 rows of stride kBlock; full: also those only the gradients need) and returns nb.
+// D1 = sum_j P dP over the recomputed rows (as the reference's softmax backward), in a first
+// sweep: dZ . Z (Z from the forward's online softmax) differs from it by rounding that tau1
+// amplifies in every dS of the row (anchor gradients at tau 100: 10-40x the reference's error).
+// Windows whose blocks fit kStage1CacheFloats keep the first sweep's bufs (per-thread scratch,
+// <= 512 KB, L2-resident) and the second sweep reads them back instead of recomputing (GRL-T/S
+// stripes 8 x 64 with f = 4: 32 x 512 per window); it hands grad(nb) each block.
+template <typename acc_t, int NB, typename Block, typename Grad>
+GRL_INLINE void stage1_sweeps(const StripeGeom& g, int64_t win, TokenBlock& TB, const BlockBuf (&bufs)[NB],
+                              const acc_t* P, const acc_t* dP, acc_t* D1, const Block& block, const Grad& grad) {
+  const int64_t n1 = g.n1, n2 = g.n2, nblocks = (n1 + kBlock - 1) / kBlock;
+  int64_t per_block = 0;
+  for (const BlockBuf& x : bufs) per_block += x.bytes;
+  const bool cached = nblocks * per_block <= kStage1CacheFloats * static_cast<int64_t>(sizeof(acc_t));
+  std::vector<char> cache(cached ? nblocks * per_block : 0);
+  auto keep = [&](int64_t blk, bool store) {  // store: scratch <- block buffers; else back
+    char* base = cache.data() + blk * per_block;
+    for (const BlockBuf& x : bufs) {
+      if (store) std::memcpy(base, x.p, x.bytes);
+      else std::memcpy(x.p, base, x.bytes);
+      base += x.bytes;
+    }
+  };
+  {
+    std::vector<double> dsum(n2, 0.0);
+    for (int64_t jb = 0; jb < n1; jb += kBlock) {
+      const int64_t nb = block(jb, cached);
+      for (int64_t i = 0; i < n2; ++i) dsum[i] += row_dot(P + i * kBlock, dP + i * kBlock, nb);
+      if (cached) keep(jb / kBlock, true);
+    }
+    for (int64_t i = 0; i < n2; ++i) D1[i] = static_cast<acc_t>(dsum[i]);
+  }
+  for (int64_t jb = 0; jb < n1; jb += kBlock) {
+    int64_t nb;
+    if (cached) {
+      TB.index(g, win, jb);
+      nb = TB.nb;
+      keep(jb / kBlock, false);
+    } else {
+      nb = block(jb, true);
+    }
+    grad(nb);
+  }
+}
+
+#if GRL_ISA_LEVEL >= 2
+// Backward on vdpbf16ps tiles (bfloat16 inputs, AVX512-BF16), float32 accumulation. Raw rows q,
+// k, a (bf16, exact in the tiles), rx = 1 / max(|x|, eps). The logits come from the raw dots
+// exactly as in the forward (stage2_logits / stage1_logits with tau rx); softmax statistics, D, dS
+// and the tau and bias sums are float32 as in the float task. The products that feed dS stay on
+// float32 tiles (gemm_op on float rows): dP = dY Z^T, dZ^T += dY^T P and dP = dZ v^T (rounding Z,
+// P or dZ there moves the tau and bias gradients by ~2^-9 relative), and dv^T = dZ^T P (a bf16 P
+// and dZ round dv twice; P rows are its B as they stand). On bf16 tiles, rounding tau-scaled dS:
+// pass A (stage 2: token rows j, anchor columns i)
+//   dq_hat    = sum_i bf16(tau2 ra_i dS_ji) a_i   (A = scaled dS rows, B = raw a, K = n2)
+//   da_hat^T += q^T bf16(tau2 rq_j dS_ji)         (A = raw q^T, B = VNNI pairs of token rows, K = nb)
+// pass B (stage 1: anchor rows i, token columns j)
+//   da_hat   += sum_j bf16(tau1 rk_j dS_ij) k_j   (A = scaled dS rows, B = raw k, K = nb)
+//   dk_hat^T  = a^T bf16(tau1 ra_i dS_ij)         (A = raw a^T, B = VNNI pairs of anchor rows, K = n2)
+// The transposed products (d x n outputs) let the packing write pairs of rows, not transposes.
+template <typename scalar_t, typename acc_t>
+void stripe_backward_task_bf16(const StripeArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout,
+                               const acc_t* zsave, const acc_t* stat1save, scalar_t* gqkv, scalar_t* ganc,
+                               acc_t* dtau1, acc_t* rdbias1, acc_t* dtau2, acc_t* rdbias2) {
+  using T = uint16_t;
+  using Lay = OpLayout<T>;
+  const StripeGeom& g = A.g;
+  const int64_t d = A.d, dp = pad16(d), dk = kpad<T>(d), n1 = g.n1, n2 = g.n2, n2p = pad16(n2), n2k = kpad<T>(n2);
+  const int64_t C = A.C, L = g.H * g.W, R = g.table_rows;
+  const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
+  const acc_t tau1 = A.tau1[h], tau2 = A.tau2[h];
+  const acc_t* rb1 = A.rbias1 + h * R;
+  const acc_t* rb2 = A.rbias2 + h * R;
+  acc_t* rdb1 = rdbias1 + h * R;
+  acc_t* rdb2 = rdbias2 + h * R;
+  const acc_t* Z = zsave + task * n2 * d;
+  const acc_t* st = stat1save + task * n2 * 2;  // rows' (m, 1/l) of stage 1
+  AnchorTile<scalar_t, acc_t> AT(A, b, win, h, false, false);  // a_hat rows, |a| (normalize backward)
+  AnchorTile<scalar_t, acc_t> AR(A, b, win, h, false, true);   // raw rows, anorm = 1 / |a|
+  TokenBlock TB;
+  // per task, raw a: rows (A of the stage-1 dots, n2 x dk), a^T (B of the stage-2 dots, K = d,
+  // N = n2p), a (B of dq, K = n2, N = dp), a^T (A of dk^T, d x n2k); float32 Z^T (B of dP)
+  std::vector<T> aA(n2 * dk, T(0)), aB(dk * n2p, T(0)), aR(n2k * dp, T(0)), aTA(d * n2k, T(0));
+  std::vector<acc_t> ZT(d * n2p, acc_t(0));
+  std::vector<acc_t> ta2(n2);  // tau2 / |a_i|
+  for (int64_t i = 0; i < n2; ++i) {
+    ta2[i] = tau2 * AR.anorm[i];
+    for (int64_t c = 0; c < d; ++c) {
+      const T v = Lay::from(AR.ahat[i * dp + c]);
+      aA[i * dk + c] = v;
+      aB[Lay::bidx(c, i, n2p)] = v;
+      aR[Lay::bidx(i, c, dp)] = v;
+      aTA[c * n2k + i] = v;
+      ZT[c * n2p + i] = Z[i * d + c];
+    }
+  }
+  // pass A, per block: raw q rows (A of the dots), q^T (A of da^T, K = nb); packed: tau2 ra dS
+  // rows (A of dq), VNNI pairs of token rows of tau2 rq dS (B of da^T, K = nb, N = n2p); float32
+  // dY rows (A of dP) and dY^T (A of dZ^T, whose B is P itself)
+  std::vector<T> qA(kBlock * dk, T(0)), qT(d * kBlock, T(0)), dSA2(kBlock * n2k, T(0)), dSB2(kBlock * n2p, T(0));
+  std::vector<acc_t> dY(kBlock * dp, acc_t(0)), dYT(d * kBlock), P2(kBlock * n2p), cs2(kBlock * n2p), dP2(kBlock * n2p),
+      dQ(kBlock * dp), xb(kBlock * dp, acc_t(0)), xn(kBlock), xinv(kBlock), dZT(d * n2p, acc_t(0)),
+      dAT(d * n2p, acc_t(0)), dA(n2 * dp, acc_t(0)), D1(n2);
+  T xr[kMaxStackD + 2];
+  xr[d] = T(0);  // the K pad when d is odd
+  double dt1 = 0, dt2 = 0;  // long sums with cancellation: rows in acc_t, totals in double
+
+  // ---- pass A: stage 2 backward per token block (rows of n2 entries)
+  for (int64_t jb = 0; jb < n1; jb += kBlock) {
+    TB.index(g, win, jb);
+    const int64_t nb = TB.nb;
+    gather_tokens(A, TB, b, h, 0, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
+      xinv[jj] = inv_norm(r, d);
+      for (int64_t c = 0; c < d; ++c) xr[c] = Lay::from(r[c]), qT[c * kBlock + jj] = xr[c];
+      std::memcpy(qA.data() + jj * dk, xr, dk * sizeof(T));
+      acc_t* qh = xb.data() + jj * dp;  // q_hat row (and |q|) for the normalize backward
+      for (int64_t c = 0; c < d; ++c) qh[c] = r[c];
+      xn[jj] = normalize_inplace(qh, d);
+    });
+    const scalar_t* gbase = gout + b * L * C + h * d;
+    for (int64_t jj = 0; jj < std::min(kPrefetch, nb); ++jj) prefetch_row(gbase + TB.pos[jj] * C, d, 1);
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      if (jj + kPrefetch < nb) prefetch_row(gbase + TB.pos[jj + kPrefetch] * C, d, 1);
+      acc_t* gy = dY.data() + jj * dp;
+      load_row(gbase + TB.pos[jj] * C, 1, d, gy);
+      for (int64_t c = 0; c < d; ++c) dYT[c * kBlock + jj] = gy[c];
+      prefetch_row_for_write(gqkv + (b * L + TB.pos[jj]) * 3 * C + h * d, d);
+    }
+    if (nb & 1)
+      for (int64_t c = 0; c < d; ++c) qT[c * kBlock + nb] = T(0);  // K pad of da^T
+    gemm_op<T, acc_t>(nb, n2p, d, qA.data(), dk, aB.data(), n2p, P2.data(), n2p, false);          // raw dots
+    gemm_op<acc_t, acc_t>(nb, n2p, d, dY.data(), dp, ZT.data(), n2p, dP2.data(), n2p, false);  // dP = dY Z^T
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      acc_t* pr = P2.data() + jj * n2p;
+      acc_t* cr = cs2.data() + jj * n2p;
+      acc_t* dr = dP2.data() + jj * n2p;
+      for (int64_t i = 0; i < n2; ++i) cr[i] = xinv[jj] * AR.anorm[i] * pr[i];  // cos
+      stage2_logits(g, tau2 * xinv[jj], rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), pr, AR.anorm.data());
+      softmax_inplace(pr, n2);
+      dt2 += stage2_row_backward(g, TB.tbase[jj], pr, cr, dr, rdb2);
+      T* sa = dSA2.data() + jj * n2k;
+      for (int64_t i = 0; i < n2; ++i) sa[i] = float_to_bf16_bits(ta2[i] * dr[i]);
+    }
+    for (int64_t jj = 0; jj < nb; jj += 2) {  // token rows (jj, jj + 1) -> one VNNI pair row
+      const bool two = jj + 1 < nb;
+      const acc_t* d1 = dP2.data() + jj * n2p;
+      const acc_t s0 = tau2 * xinv[jj], s1 = two ? tau2 * xinv[jj + 1] : acc_t(0);
+      pack_pair_bf16(d1, s0, two ? d1 + n2p : nullptr, s1, n2, dSB2.data() + jj * n2p);
+    }
+    gemm_op<T, acc_t>(nb, dp, n2, dSA2.data(), n2k, aR.data(), dp, dQ.data(), dp, false);   // dq_hat
+    gemm_op<T, acc_t>(d, n2p, nb, qT.data(), kBlock, dSB2.data(), n2p, dAT.data(), n2p, true);   // da_hat^T
+    gemm_op<acc_t, acc_t>(d, n2p, nb, dYT.data(), kBlock, P2.data(), n2p, dZT.data(), n2p, true);  // dZ^T
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      acc_t* dq = dQ.data() + jj * dp;
+      normalize_backward_inplace(dq, xb.data() + jj * dp, xn[jj], d);
+      store_row(gqkv + (b * L + TB.pos[jj]) * 3 * C + h * d, dq, d);
+    }
+  }
+
+  // ---- pass B: stage 1 backward per token block (probabilities from the saved (m, 1/l))
+  // dZ rows (A of dP, n2 x dp; dZ^T is the A of dv^T)
+  std::vector<acc_t> dZ(n2 * dp, acc_t(0));
+  for (int64_t c = 0; c < d; ++c)
+    for (int64_t i = 0; i < n2; ++i) dZ[i * dp + c] = dZT[c * n2p + i];
+  // per block: raw k^T (B of the dots, K = d, N = kBlock), raw k (B of da, K = nb, N = dp), float32
+  // v^T (B of dP); packed: tau1 rk dS rows (A of da), VNNI pairs of anchor rows of tau1 ra dS (B of
+  // dk^T, K = n2, N = kBlock)
+  std::vector<T> kB(dk * kBlock, T(0)), kR(kBlock * dp, T(0)), dSA1(n2 * kBlock, T(0)), dSB1(n2k * kBlock, T(0));
+  std::vector<acc_t> vT(d * kBlock), P(n2 * kBlock), dP(n2 * kBlock), cs(n2 * kBlock), dKT(d * kBlock), dVT(d * kBlock);
+  // In the K = d tile the VNNI pair (2p, 2p + 1) of column jj is 32-bit word p of row jj.
+  uint32_t* kB32 = reinterpret_cast<uint32_t*>(kB.data());
+  auto block = [&](int64_t jb, bool full) {  // full: also the k_hat rows and raw k (not needed for D1)
+    TB.index(g, win, jb);
+    const int64_t nb = TB.nb;
+    gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
+      xinv[jj] = inv_norm(r, d);
+      for (int64_t c = 0; c < d; ++c) xr[c] = Lay::from(r[c]);
+      for (int64_t p = 0; p < dk / 2; ++p) std::memcpy(kB32 + p * kBlock + jj, xr + 2 * p, sizeof(uint32_t));
+      if (!full) return;
+      T* kr = kR.data() + Lay::bidx(jj, 0, dp);
+      for (int64_t c = 0; c < d; ++c) kr[2 * c] = xr[c];
+      acc_t* kh = xb.data() + jj * dp;  // k_hat row (and |k|) for the normalize backward
+      for (int64_t c = 0; c < d; ++c) kh[c] = r[c];
+      xn[jj] = normalize_inplace(kh, d);
+    });
+    for (int64_t jj = nb; jj < kBlock; ++jj)  // a short last block: zero columns in the tile
+      for (int64_t p = 0; p < dk / 2; ++p) kB32[p * kBlock + jj] = 0;
+    load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));
+    if (full && (nb & 1)) {  // the K pad row of da
+      T* kr = kR.data() + Lay::bidx(nb, 0, dp);
+      for (int64_t c = 0; c < d; ++c) kr[2 * c] = T(0);
+    }
+    gemm_op<T, acc_t>(n2, pad16(nb), d, aA.data(), dk, kB.data(), kBlock, P.data(), kBlock, false);   // raw dots
+    gemm_op<acc_t, acc_t>(n2, pad16(nb), d, dZ.data(), dp, vT.data(), kBlock, dP.data(), kBlock, false);  // dZ v^T
+    for (int64_t i = 0; i < n2; ++i)
+      stage1_row_probs(g, tau1, rb1, AR.anorm[i], AR.abase[i], AR.aid[i], TB, xinv.data(), st[2 * i], st[2 * i + 1],
+                       P.data() + i * kBlock, cs.data() + i * kBlock);
+    return nb;
+  };
+  auto grad = [&](int64_t nb) {
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
+      prefetch_row_for_write(gk, d);
+      prefetch_row_for_write(gk + C, d);
+    }
+    acc_t tk[kBlock];  // tau1 / |k_j|
+    for (int64_t jj = 0; jj < nb; ++jj) tk[jj] = tau1 * xinv[jj];
+    for (int64_t i = 0; i < n2; ++i) {
+      acc_t* dr = dP.data() + i * kBlock;
+      dt1 += stage1_row_backward(g, TB, AR.abase[i], D1[i], P.data() + i * kBlock, cs.data() + i * kBlock, dr, rdb1);
+      T* sa = dSA1.data() + i * kBlock;
+      for (int64_t jj = 0; jj < nb; ++jj) sa[jj] = float_to_bf16_bits(tk[jj] * dr[jj]);
+      if (nb & 1) sa[nb] = T(0);  // K pad of da
+    }
+    for (int64_t i = 0; i < n2; i += 2) {  // anchor rows (i, i + 1) -> one VNNI pair row
+      const bool two = i + 1 < n2;
+      const acc_t* d1 = dP.data() + i * kBlock;
+      const acc_t s0 = tau1 * AR.anorm[i], s1 = two ? tau1 * AR.anorm[i + 1] : acc_t(0);
+      pack_pair_bf16(d1, s0, two ? d1 + kBlock : nullptr, s1, nb, dSB1.data() + i * kBlock);
+    }
+    const int64_t nbp = pad16(nb);
+    gemm_op<T, acc_t>(n2, dp, nb, dSA1.data(), kBlock, kR.data(), dp, dA.data(), dp, true);          // da_hat
+    gemm_op<T, acc_t>(d, nbp, n2, aTA.data(), n2k, dSB1.data(), kBlock, dKT.data(), kBlock, false);  // dk_hat^T
+    gemm_op<acc_t, acc_t>(d, nbp, n2, dZT.data(), n2p, P.data(), kBlock, dVT.data(), kBlock, false);  // dv^T
+    acc_t dkr[kMaxStackD], dvr[kMaxStackD];
+    for (int64_t jj = 0; jj < nb; ++jj) {
+      for (int64_t c = 0; c < d; ++c) dkr[c] = dKT[c * kBlock + jj], dvr[c] = dVT[c * kBlock + jj];
+      normalize_backward_inplace(dkr, xb.data() + jj * dp, xn[jj], d);
+      scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
+      store_row(gk, dkr, d);
+      store_row(gk + C, dvr, d);
+    }
+  };
+  constexpr int64_t F = sizeof(acc_t);
+  const BlockBuf bufs[] = {{P.data(), n2 * kBlock * F}, {dP.data(), n2 * kBlock * F}, {cs.data(), n2 * kBlock * F},
+                           {xb.data(), kBlock * dp * F}, {xn.data(), kBlock * F}, {xinv.data(), kBlock * F},
+                           {kR.data(), kBlock * dp * 2}};
+  stage1_sweeps(g, win, TB, bufs, P.data(), dP.data(), D1.data(), block, grad);
+  // ---- anchors: da_hat = pass B's rows + pass A's transposed sums
+  acc_t dar[kMaxStackD];
+  for (int64_t i = 0; i < n2; ++i) {
+    for (int64_t c = 0; c < d; ++c) dar[c] = dA[i * dp + c] + dAT[c * n2p + i];
+    normalize_backward_inplace(dar, AT.ahat.data() + i * dp, AT.anorm[i], d);
+    const int64_t p = stripe_anchor_position(g, win, i);
+    store_row(ganc + (b * g.Ha * g.Wa + p) * C + h * d, dar, d);
+  }
+  dtau1[h] += static_cast<acc_t>(dt1);
+  dtau2[h] += static_cast<acc_t>(dt2);
+}
+#endif
+
 // rdb1 / rdb2: this chunk's bias gradients in REVERSED table order (the driver flips them).
+// Float tiles (GEMM 1, strided A views for the transposed products), normalized rows.
 template <typename scalar_t, typename acc_t>
 void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout,
                           const acc_t* zsave, const acc_t* stat1save, scalar_t* gqkv, scalar_t* ganc,
                           acc_t* dtau1, acc_t* rdbias1, acc_t* dtau2, acc_t* rdbias2) {
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<typename OpType<scalar_t, acc_t>::T, uint16_t>::value) {
+    stripe_backward_task_bf16(A, task, gout, zsave, stat1save, gqkv, ganc, dtau1, rdbias1, dtau2, rdbias2);
+    return;
+  } else
+#endif
+  {
   const StripeGeom& g = A.g;
   const int64_t d = A.d, dp = pad16(d), n1 = g.n1, n2 = g.n2, C = A.C, L = g.H * g.W, R = g.table_rows;
   const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
@@ -299,16 +613,10 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
     for (int64_t jj = 0; jj < nb; ++jj) {
       const acc_t* cr = cs.data() + jj * n2;
       acc_t* pr = P.data() + jj * n2;
-      acc_t* dr = dP.data() + jj * n2;
       for (int64_t i = 0; i < n2; ++i) pr[i] = cr[i];
       stage2_logits(g, tau2, rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), pr);
       softmax_inplace(pr, n2);
-      const acc_t D = row_dot(pr, dr, n2);
-      for (int64_t i = 0; i < n2; ++i) dr[i] = pr[i] * (dr[i] - D);  // dS
-      dt2 += row_dot(dr, cr, n2);
-      acc_t* brow = rdb2 + (R - 1 - TB.tbase[jj]);  // reversed: + aoff[i] = u * table_w + v
-      for (int64_t u = 0; u < g.ah; ++u)
-        for (int64_t v = 0; v < g.aw; ++v) brow[u * g.table_w + v] += dr[u * g.aw + v];
+      dt2 += stage2_row_backward(g, TB.tbase[jj], pr, cr, dP.data() + jj * n2, rdb2);
     }
     gemm<acc_t>(n2, dp, nb, acc_t(1), P.data(), 1, n2, dYb.data(), dp, dZ.data(), dp, true);   // dZ += P^T dY
     gemm<acc_t>(n2, dp, nb, tau2, dP.data(), 1, n2, xb.data(), dp, dA.data(), dp, true);       // da_hat += tau dS^T q_hat
@@ -322,7 +630,7 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
 
   // ---- pass B: stage 1 backward per token block (probabilities from the saved (m, 1/l))
   // The logits are recomputed exactly as stripe_forward_task computed them (raw anchor and key
-  // rows on the same product tiles, then tau1 / |a| / |k| and the bias, stage1_logits), so
+  // rows on the same product tiles, then tau1 / |a| / |k| and the bias, stage1_row_probs), so
   // that s - m is exact and the recomputed row sums to 1: a logit an ulp off (a_hat . k_hat
   // instead) scales P by ~tau * 1e-7, which the cancelling logit-scale gradient does not forgive.
   using T = typename OpType<scalar_t, acc_t>::T;
@@ -351,84 +659,35 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
     load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));
     gemm_op<T, acc_t>(n2, pad16(nb), d, aA.data(), dk, kB.data(), kBlock, P.data(), kBlock, false);  // raw dots
     gemm<acc_t>(n2, nb, d, acc_t(1), dZ.data(), dp, 1, vT.data(), kBlock, dP.data(), kBlock, false);       // dZ v^T
-    for (int64_t i = 0; i < n2; ++i) {
-      acc_t* cr = cs.data() + i * kBlock;
-      acc_t* pr = P.data() + i * kBlock;
-      for (int64_t jj = 0; jj < nb; ++jj) cr[jj] = AR.anorm[i] * kinv[jj] * pr[jj];  // cos
-      stage1_logits(g, tau1 * AR.anorm[i], rb1, AR.abase[i], AR.aid[i], TB, pr, kinv.data());
-      const acc_t mi = st[2 * i], il = st[2 * i + 1];
-      for (int64_t jj = 0; jj < nb; ++jj) pr[jj] = exp_fast(pr[jj] - mi) * il;
-    }
+    for (int64_t i = 0; i < n2; ++i)
+      stage1_row_probs(g, tau1, rb1, AR.anorm[i], AR.abase[i], AR.aid[i], TB, kinv.data(), st[2 * i], st[2 * i + 1],
+                       P.data() + i * kBlock, cs.data() + i * kBlock);
     return nb;
   };
-  // D1 = sum_j P dP over the recomputed rows (as the reference's softmax backward), in a first
-  // sweep: dZ . Z (Z from the forward's online softmax) differs from it by rounding that tau1
-  // amplifies in every dS of the row (anchor gradients at tau 100: 10-40x the reference's error).
-  // Windows whose blocks fit kStage1CacheFloats keep the first sweep's P, dP, cos and k_hat
-  // rows (per-thread scratch, <= 512 KB, L2-resident) and the second sweep reads them back
-  // instead of recomputing (GRL-T/S stripes 8 x 64 with f = 4: 32 x 512 per window).
-  const int64_t nblocks = (n1 + kBlock - 1) / kBlock, per_block = 3 * n2 * kBlock + kBlock * dp + kBlock;
-  const bool cached = nblocks * per_block <= kStage1CacheFloats;
-  std::vector<acc_t> cache(cached ? nblocks * per_block : 0);
-  auto keep = [&](int64_t blk, bool store) {  // store: scratch <- block buffers; else back
-    acc_t* base = cache.data() + blk * per_block;
-    acc_t* bufs[5] = {P.data(), dP.data(), cs.data(), xb.data(), xn.data()};
-    const int64_t sizes[5] = {n2 * kBlock, n2 * kBlock, n2 * kBlock, kBlock * dp, kBlock};
-    for (int k = 0; k < 5; ++k) {
-      if (store) std::memcpy(base, bufs[k], sizes[k] * sizeof(acc_t));
-      else std::memcpy(bufs[k], base, sizes[k] * sizeof(acc_t));
-      base += sizes[k];
-    }
-  };
-  {
-    std::vector<double> dsum(n2, 0.0);
-    for (int64_t jb = 0; jb < n1; jb += kBlock) {
-      const int64_t nb = block(jb, cached);
-      for (int64_t i = 0; i < n2; ++i) dsum[i] += row_dot(P.data() + i * kBlock, dP.data() + i * kBlock, nb);
-      if (cached) keep(jb / kBlock, true);
-    }
-    for (int64_t i = 0; i < n2; ++i) D1[i] = static_cast<acc_t>(dsum[i]);
-  }
-  for (int64_t jb = 0; jb < n1; jb += kBlock) {
-    int64_t nb;
-    if (cached) {
-      TB.index(g, win, jb);
-      nb = TB.nb;
-      keep(jb / kBlock, false);
-    } else {
-      nb = block(jb, true);
-    }
+  auto grad = [&](int64_t nb) {
     for (int64_t jj = 0; jj < nb; ++jj) {
       scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
       prefetch_row_for_write(gk, d);
       prefetch_row_for_write(gk + C, d);
     }
-    for (int64_t i = 0; i < n2; ++i) {
-      acc_t* cr = cs.data() + i * kBlock;
-      acc_t* pr = P.data() + i * kBlock;
-      acc_t* dr = dP.data() + i * kBlock;
-      const acc_t Di = D1[i];
-      for (int64_t jj = 0; jj < nb; ++jj) dr[jj] = pr[jj] * (dr[jj] - Di);  // dS
-      dt1 += row_dot(dr, cr, nb);
-      acc_t* bw = rdb1 + (R - 1 - AT.abase[i]);  // reversed: + toff[jj]
-      for (int64_t r = 0; r < TB.nruns; ++r) {
-        const BiasRun run = TB.runs[r];
-        acc_t* o = bw + run.off;
-        const acc_t* s = dr + run.j0;
-        for (int64_t x = 0; x < run.len; ++x) o[x] += s[x];
-      }
-    }
+    for (int64_t i = 0; i < n2; ++i)
+      dt1 += stage1_row_backward(g, TB, AT.abase[i], D1[i], P.data() + i * kBlock, cs.data() + i * kBlock,
+                                 dP.data() + i * kBlock, rdb1);
     gemm<acc_t>(nb, dp, n2, acc_t(1), P.data(), 1, kBlock, dZ.data(), dp, dVb.data(), dp, false);     // dv = P^T dZ
     gemm<acc_t>(nb, dp, n2, tau1, dP.data(), 1, kBlock, AT.ahat.data(), dp, dXb.data(), dp, false);  // dk_hat
     gemm<acc_t>(n2, dp, nb, tau1, dP.data(), kBlock, 1, xb.data(), dp, dA.data(), dp, true);         // da_hat
     for (int64_t jj = 0; jj < nb; ++jj) {
-      acc_t* dk = dXb.data() + jj * dp;
-      normalize_backward_inplace(dk, xb.data() + jj * dp, xn[jj], d);
+      acc_t* dkr = dXb.data() + jj * dp;
+      normalize_backward_inplace(dkr, xb.data() + jj * dp, xn[jj], d);
       scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
-      store_row(gk, dk, d);
+      store_row(gk, dkr, d);
       store_row(gk + C, dVb.data() + jj * dp, d);
     }
-  }
+  };
+  constexpr int64_t F = sizeof(acc_t);
+  const BlockBuf bufs[] = {{P.data(), n2 * kBlock * F}, {dP.data(), n2 * kBlock * F}, {cs.data(), n2 * kBlock * F},
+                           {xb.data(), kBlock * dp * F}, {xn.data(), kBlock * F}};
+  stage1_sweeps(g, win, TB, bufs, P.data(), dP.data(), D1.data(), block, grad);
   // ---- anchors: both stages contributed to dA (gradient w.r.t. a_hat)
   for (int64_t i = 0; i < n2; ++i) {
     acc_t* dar = dA.data() + i * dp;
@@ -438,6 +697,7 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
   }
   dtau1[h] += static_cast<acc_t>(dt1);
   dtau2[h] += static_cast<acc_t>(dt2);
+  }
 }
 
 }  // namespace

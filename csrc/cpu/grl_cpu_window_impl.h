@@ -155,23 +155,6 @@ static GRL_INLINE acc_t softmax_row_backward(const WindowGeom& g, int64_t qoff, 
 }
 
 #if GRL_ISA_LEVEL >= 2
-// Two rows a, b (K indices 2p, 2p + 1) of a bf16 B operand in the VNNI pair layout:
-// out[2 j] = bf16(sa a[j]), out[2 j + 1] = bf16(sb b[j]) (b == nullptr: the zero pad row).
-GRL_INLINE void pack_pair_bf16(const float* __restrict a, float sa, const float* __restrict b, float sb, int64_t n,
-                               uint16_t* __restrict out) {
-  if (b) {
-    for (int64_t j = 0; j < n; ++j) {
-      out[2 * j] = float_to_bf16_bits(sa * a[j]);
-      out[2 * j + 1] = float_to_bf16_bits(sb * b[j]);
-    }
-  } else {
-    for (int64_t j = 0; j < n; ++j) {
-      out[2 * j] = float_to_bf16_bits(sa * a[j]);
-      out[2 * j + 1] = 0;
-    }
-  }
-}
-
 // Backward on vdpbf16ps tiles (bfloat16 inputs, AVX512-BF16), float32 accumulation.
 // With raw rows q, k, v (bf16, exact in the tiles), rq = 1 / max(|q|, eps), rk likewise:
 //   cos    = rq_i rk_j (q_i . k_j)          raw dots on the forward's tiles (same bits as its
