@@ -224,6 +224,23 @@ static GRL_INLINE void normalize_backward_inplace(acc_t* g, const acc_t* xhat, a
   }
 }
 
+// The k and v gradients of n token rows from their transposed (d x n, row stride ld) sums: dk =
+// the normalize backward of column j of dK^T (k_hat rows kh with stride dp, norms kn), dv =
+// column j of dV^T; stored at kdst(j) and kdst(j) + C (the k and v parts of a qkv gradient row).
+template <typename acc_t, typename Dst>
+static GRL_INLINE void store_kv_grads_transposed(const acc_t* dKT, const acc_t* dVT, int64_t ld, int64_t n,
+                                                 const acc_t* kh, int64_t dp, const acc_t* kn, int64_t d, int64_t C,
+                                                 const Dst& kdst) {
+  acc_t dkr[kMaxStackD], dvr[kMaxStackD];
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t c = 0; c < d; ++c) dkr[c] = dKT[c * ld + j], dvr[c] = dVT[c * ld + j];
+    normalize_backward_inplace(dkr, kh + j * dp, kn[j], d);
+    auto* gk = kdst(j);
+    store_row(gk, dkr, d);
+    store_row(gk + C, dvr, d);
+  }
+}
+
 // Round the head dim up to a multiple of 16 (scratch rows are zero-padded to it so the
 // GEMM micro-kernels below always work on full 16-wide column tiles).
 static GRL_INLINE int64_t pad16(int64_t d) { return (d + 15) / 16 * 16; }

@@ -512,12 +512,10 @@ void stripe_backward_task_bf16(const StripeArgs<scalar_t, acc_t>& A, int64_t tas
                        P.data() + i * kBlock, cs.data() + i * kBlock);
     return nb;
   };
+  // the k gradient row of block token jj (the v gradient row follows C elements later)
+  auto kv_row = [&](int64_t jj) { return gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d; };
   auto grad = [&](int64_t nb) {
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
-      prefetch_row_for_write(gk, d);
-      prefetch_row_for_write(gk + C, d);
-    }
+    for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(kv_row(jj), d), prefetch_row_for_write(kv_row(jj) + C, d);
     acc_t tk[kBlock];  // tau1 / |k_j|
     for (int64_t jj = 0; jj < nb; ++jj) tk[jj] = tau1 * xinv[jj];
     for (int64_t i = 0; i < n2; ++i) {
@@ -537,14 +535,7 @@ void stripe_backward_task_bf16(const StripeArgs<scalar_t, acc_t>& A, int64_t tas
     gemm_op<T, acc_t>(n2, dp, nb, dSA1.data(), kBlock, kR.data(), dp, dA.data(), dp, true);          // da_hat
     gemm_op<T, acc_t>(d, nbp, n2, aTA.data(), n2k, dSB1.data(), kBlock, dKT.data(), kBlock, false);  // dk_hat^T
     gemm_op<acc_t, acc_t>(d, nbp, n2, dZT.data(), n2p, P.data(), kBlock, dVT.data(), kBlock, false);  // dv^T
-    acc_t dkr[kMaxStackD], dvr[kMaxStackD];
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      for (int64_t c = 0; c < d; ++c) dkr[c] = dKT[c * kBlock + jj], dvr[c] = dVT[c * kBlock + jj];
-      normalize_backward_inplace(dkr, xb.data() + jj * dp, xn[jj], d);
-      scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
-      store_row(gk, dkr, d);
-      store_row(gk + C, dvr, d);
-    }
+    store_kv_grads_transposed(dKT.data(), dVT.data(), kBlock, nb, xb.data(), dp, xn.data(), d, C, kv_row);
   };
   constexpr int64_t F = sizeof(acc_t);
   const BlockBuf bufs[] = {{P.data(), n2 * kBlock * F}, {dP.data(), n2 * kBlock * F}, {cs.data(), n2 * kBlock * F},
@@ -664,12 +655,10 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
                        P.data() + i * kBlock, cs.data() + i * kBlock);
     return nb;
   };
+  // the k gradient row of block token jj (the v gradient row follows C elements later)
+  auto kv_row = [&](int64_t jj) { return gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d; };
   auto grad = [&](int64_t nb) {
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
-      prefetch_row_for_write(gk, d);
-      prefetch_row_for_write(gk + C, d);
-    }
+    for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(kv_row(jj), d), prefetch_row_for_write(kv_row(jj) + C, d);
     for (int64_t i = 0; i < n2; ++i)
       dt1 += stage1_row_backward(g, TB, AT.abase[i], D1[i], P.data() + i * kBlock, cs.data() + i * kBlock,
                                  dP.data() + i * kBlock, rdb1);
@@ -679,9 +668,8 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
     for (int64_t jj = 0; jj < nb; ++jj) {
       acc_t* dkr = dXb.data() + jj * dp;
       normalize_backward_inplace(dkr, xb.data() + jj * dp, xn[jj], d);
-      scalar_t* gk = gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d;
-      store_row(gk, dkr, d);
-      store_row(gk + C, dVb.data() + jj * dp, d);
+      store_row(kv_row(jj), dkr, d);
+      store_row(kv_row(jj) + C, dVb.data() + jj * dp, d);
     }
   };
   constexpr int64_t F = sizeof(acc_t);

@@ -257,14 +257,8 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
       store_row(gqkv + (b * L + I.pos[i0 + r]) * 3 * C + h * d, dq, d);
     }
   }
-  acc_t dkr[kMaxStackD], dvr[kMaxStackD];
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t c = 0; c < d; ++c) dkr[c] = dKT[c * np + j], dvr[c] = dVT[c * np + j];
-    normalize_backward_inplace(dkr, kh.data() + j * dp, kn[j], d);
-    scalar_t* gk = gqkv + (b * L + I.pos[j]) * 3 * C + C + h * d;
-    store_row(gk, dkr, d);
-    store_row(gk + C, dvr, d);
-  }
+  store_kv_grads_transposed(dKT.data(), dVT.data(), np, n, kh.data(), dp, kn.data(), d, C,
+                            [&](int64_t j) { return gqkv + (b * L + I.pos[j]) * 3 * C + C + h * d; });
   dtau[h] += static_cast<acc_t>(dt);
 }
 #endif
