@@ -175,3 +175,8 @@ def test_budget_too_small(tmp_path, ckpt, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "a.png: memory budget of 0 MiB is too small" in err
     assert os.listdir(tmp_path / "o") == []
+    # with progress output, the plan line says so too (not "untiled")
+    args = ["restore", str(img), "-o", str(tmp_path / "o"), "--checkpoint", ckpt, "--max-memory", "100K"]
+    assert main(args + FAST[:-1]) == 1
+    err = capsys.readouterr().err
+    assert "a.png: 64x64 px, does not fit the memory budget" in err and "untiled" not in err

@@ -217,15 +217,16 @@ def cmd_restore(args) -> int:
                 w, h = im.size
         except Exception:  # noqa: BLE001 - reported when the image is read
             h = w = 0
-        n, t = 1, None
+        n, t, fits = 1, None, True
         if h and w:
             try:
                 t = resolve_tile(model, (h, w), tile, args.overlap, run_dtype, device, budget)
                 n = tile_count(h, w, t, args.overlap)
             except ValueError:
-                n = 1
+                n, fits = 1, False  # the restore below reports the budget error
             if not args.no_progress:
                 how = "untiled" if t is None else f"tiles of {t} px, {n} tiles"
+                how = how if fits else "does not fit the memory budget"
                 print(f"grl-kernels restore: {os.path.basename(f)}: {h}x{w} px, {how}", file=sys.stderr)
         plans.append(n)
     prog = RestoreProgress(sum(plans), len(files), enabled=not args.no_progress)
