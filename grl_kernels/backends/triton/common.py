@@ -34,11 +34,17 @@ INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 @triton.jit
 def mma(a, b, PREC: tl.constexpr):
-    """tl.dot with float32 accumulation. Triton's interpreter (3.9) multiplies bfloat16 operands
-    as their raw uint16 bits, so there they are widened first (exact: bf16 products fit fp32)."""
+    """tl.dot with float32 accumulation.
+
+    Interpreted, as a broadcast product summed over K instead: the interpreter's tl.dot is
+    numpy's BLAS, whose sum order over K can differ between A B and the transposed product
+    (OpenBLAS's Haswell / Zen sgemm kernels do), so the backward's ``logits_t`` would miss the
+    forward's bits, which the kernels rely on (stripe_bwd's docstring) and which a GPU's
+    K-ordered FMA dot keeps. The sum over the same K positions gives both orientations the same
+    bits whatever BLAS numpy has. Operands are widened to float32 first (Triton 3.9's interpreter
+    multiplies bfloat16 as raw uint16 bits; 16-bit products are exact in float32)."""
     if INTERPRETED:
-        if a.dtype == tl.bfloat16:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     return tl.dot(a, b, input_precision=PREC)
 
 
