@@ -381,13 +381,18 @@ class EfficientMixAttnTransformerBlock(nn.Module):
             return x + self.res_scale * self.drop_path(self.norm2(self.mlp(x)))
         return self._inference_forward(x, x_size, owns_input)
 
+    def chunk_rows(self, n: int, element_size: int) -> int:
+        """Token rows per chunk of the per-token tail for n tokens of ``element_size`` bytes
+        (at least 64, at most n); also used by ``grl_kernels.estimate_memory``."""
+        hidden = self.mlp.fc1.out_features
+        return min(n, max(64, self.INFERENCE_CHUNK_BYTES // (hidden * element_size)))
+
     def inference_chunk_rows(self, x) -> int:
         """Token rows per chunk of the per-token tail in :meth:`_inference_forward`."""
         n = x.numel() // x.shape[-1]
         if _compiling():
             return n  # one chunk: the compiler plans the buffers itself
-        hidden = self.mlp.fc1.out_features
-        return min(n, max(64, self.INFERENCE_CHUNK_BYTES // (hidden * x.element_size())))
+        return self.chunk_rows(n, x.element_size())
 
     def _inference_forward(self, x, x_size, owns_input):
         """The attention branches on the whole image, then everything per token in row chunks:

@@ -95,7 +95,7 @@ def estimate_memory(model, size: Sequence[int], dtype=torch.float32, backend: Op
     # (EfficientMixAttnTransformerBlock._inference_forward): the attention outputs (C), CAB's
     # output (C) and one chunk's temporaries, at most max(2, r + 1) C per chunk row (concatenation
     # and projection; MLP hidden and fc2 output)
-    frac = _chunk_rows(m, r, C, L, dtype) / L
+    frac = m.layers[0].blocks[0].chunk_rows(L, _element_size(dtype)) / L
     keep = 2 * C if cab else C
     if frac >= 1:  # one chunk: the branches are freed after the concatenation, CAB's output after its sum
         chunk = held + max(keep + C, (r + 1) * C)
@@ -127,12 +127,6 @@ def estimate_memory(model, size: Sequence[int], dtype=torch.float32, backend: Op
         tail = 2 * C / (scale * scale) + frac * tail + 2 * cout
     per_token = max(body, tail) + 2 * cin  # + the padded and normalized input
     return int(per_token * L * _element_size(dtype))
-
-
-def _chunk_rows(m, r, C, L, dtype) -> int:
-    """Token rows per chunk of the block tail (EfficientMixAttnTransformerBlock.inference_chunk_rows)."""
-    per_row = max(1, int(r * C) * _element_size(dtype))
-    return min(L, max(64, getattr(m.layers[0].blocks[0], "INFERENCE_CHUNK_BYTES", L * per_row) // per_row))
 
 
 # ---------------------------------------------------------------- free memory
