@@ -42,7 +42,10 @@ def optimize(model, *, dtype: Union[str, torch.dtype, None] = "auto", compile: b
              backend: Optional[str] = "auto"):
     """Prepare a GRL model for fast inference and return it (possibly a compiled wrapper).
 
-    * ``backend``: attention backend of every block ("auto": the fused one for the device).
+    * ``backend``: attention backend of every block ("auto": the fused one for the device and
+      dtype). It is resolved here, once, to a concrete name (so later ``use_backend`` scopes do
+      not change an optimized model); an unavailable explicit backend is an error here.
+    * Convolution weights are stored channels-last (:meth:`GRL.channels_last_convs`).
     * ``dtype``: "auto" (bfloat16 where the device computes it natively, float32 otherwise; see
       :func:`best_dtype`), a torch dtype, or None (keep). The weights are converted in place.
     * ``compile``: ``torch.compile`` of the whole model (one graph, no breaks), returned as a
@@ -62,9 +65,16 @@ def optimize(model, *, dtype: Union[str, torch.dtype, None] = "auto", compile: b
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     m.eval()
-    m.set_backend(None if backend == "auto" else backend)
     if dtype is not None:
         m.to(dtype)
+    m.channels_last_convs()
+    # a concrete backend, chosen now: resolving "auto" inside the compiled graph would check the
+    # backends' availability there (the first check loads the extension under a lock, which Dynamo
+    # cannot trace: one graph break per attention call)
+    from .backends.registry import resolve_backend
+
+    param_dtype = next((p.dtype for p in m.parameters()), torch.float32)
+    m.set_backend(resolve_backend(None if backend == "auto" else backend, device, param_dtype).name)
     if compile:
         return CompiledGRL(m)
     return m

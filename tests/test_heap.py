@@ -122,6 +122,6 @@ def test_banded_upsampler_tail_matches_unbanded(upsampler, scale):
         m.tail_band_bytes = 3 * per_row  # bands of 3-5 rows: many boundaries
         banded = m._tail(feats)
     assert banded.shape == full.shape == (1, 3, 37 * scale, 21 * scale)
-    assert ((banded - full).abs().max() / full.abs().max()).item() <= 1e-6
+    assert ((banded - full).abs().max() / full.abs().max()).item() <= 1e-5  # oneDNN picks its blocking by size: ~1e-6 apart; a short halo is ~1e-1
     with torch.enable_grad():  # autograd calls are never banded
         assert torch.equal(m._tail(feats).detach(), full)

@@ -111,8 +111,37 @@ def test_compile_whole_model_fullgraph(compiler):
     with torch.no_grad():
         ref = m(x)
     torch._dynamo.reset()
-    c = torch.compile(G.optimize(m, dtype=torch.float32, compile=False, backend="cpu"), fullgraph=True,
+    # as in a fresh process: the availability of the backends "auto" may pick is not known yet
+    # (checking it inside the graph was one graph break per attention call)
+    from grl_kernels.backends import registry
+
+    for b in registry._REGISTRY.values():
+        if b.supports(torch.device("cpu"), torch.float32) and b.auto_ok(torch.device("cpu")):
+            b._status = None
+    c = torch.compile(G.optimize(m, dtype=torch.float32, compile=False), fullgraph=True,
                       dynamic=False, backend=compiler)
     with torch.no_grad():
         y = c(x)
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert {a.backend for a in m.attention_modules()} == {"cpu"}
+
+
+def test_conv_weights_channels_last_and_output_nchw(golden):
+    """Conv weights are stored channels-last (the CPU convolution then keeps the tokens' channels-last
+    layout instead of copying in and out), the output is NCHW-contiguous as the published model's,
+    and optimize() stores them channels-last again after load_state_dict(assign=True)."""
+    m, x, expected = golden
+    convs = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    with torch.no_grad():
+        y = m(x)
+    assert y.is_contiguous()
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    m.load_state_dict(sd, assign=True)
+    assert not all(c.weight.is_contiguous(memory_format=torch.channels_last)
+                   for c in m.modules() if isinstance(c, torch.nn.Conv2d))
+    G.optimize(m, dtype=None, compile=False)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last)
+               for c in m.modules() if isinstance(c, torch.nn.Conv2d))
+    with torch.no_grad():
+        assert torch.equal(m(x), y)

@@ -205,6 +205,23 @@ class GRL(nn.Module):
 
         self._init_method = init_method
         self.apply(self._init_weights)
+        self.channels_last_convs()
+
+    def channels_last_convs(self) -> "GRL":
+        """Store every Conv2d weight channels-last (values unchanged; returns the model).
+
+        The (B, L, C) token tensors viewed as (B, C, H, W) are channels-last. PyTorch's CPU
+        convolution keeps that layout only when the weight is channels-last too; with a
+        contiguous weight it copies the input to NCHW and the output back (measured at
+        256x256, 64 channels: 17.9 ms of copies around a 6.5 ms bfloat16 convolution, which
+        runs in 2.8 ms on channels-last weights). ``load_state_dict`` keeps the layout;
+        ``load_state_dict(assign=True)`` does not, so :func:`grl_kernels.optimize` calls this again.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d) and not m.weight.is_contiguous(memory_format=torch.channels_last):
+                with torch.no_grad():
+                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+        return self
 
     # ------------------------------------------------------------------
     def _init_weights(self, m: nn.Module) -> None:
@@ -356,4 +373,6 @@ class GRL(nn.Module):
         # (broadcasting a 1-channel output to 3); add it back only when the channels match
         x = x / self.img_range + (mean if self.out_channels == self.in_channels else 0.0)
         scale = self.upscale if self.upsampler else 1
-        return x[:, :, : H * scale, : W * scale]
+        # the last convolution's output is channels-last (channels_last_convs): return it NCHW-
+        # contiguous (also when padded, where a view would keep the padded buffer alive)
+        return x[:, :, : H * scale, : W * scale].contiguous()
