@@ -91,6 +91,80 @@ static GRL_INLINE T row_dot(const T* x, const T* y, int64_t n) {
   return s;
 }
 
+#if GRL_ISA_LEVEL >= 2
+// float32 rows on AVX-512, written with intrinsics: the generic loops above compile to
+// 8-lane ymm code (GCC's 256-bit preference for AVX-512 targets) or, for the max, to 16
+// scalar vmaxss. Same operations as the scalar code: exp_fast step by step (FMA where the
+// compiler contracts it), a max that skips NaN like `x > m ? x : m` (a NaN logit makes the
+// row NaN either way); the sums reduce in lane-tree order instead of the generic 16
+// partials' order (last-bit differences only). Whole-vector stores only where the row is
+// read back at once: a masked store does not forward to a later full load (tried for the
+// 8-wide logit runs of window 8: the kernels got 1.2-1.5x slower).
+static GRL_INLINE __mmask16 tail_mask16(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1u);
+}
+
+static GRL_INLINE __m512 exp_fast16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3365f), shifter = _mm512_set1_ps(12582912.0f);
+  // max(lo, x) / min(hi, .) return their second operand when one is NaN: NaN stays NaN
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_max_ps(lo, x));
+  const __m512 t = _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 nn = _mm512_sub_ps(_mm512_add_ps(t, shifter), shifter);  // round to nearest integer
+  __m512 r = _mm512_fnmadd_ps(nn, _mm512_set1_ps(0.693145751953125f), xc);
+  r = _mm512_fnmadd_ps(nn, _mm512_set1_ps(1.428606820309417232e-6f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(nn), _mm512_set1_epi32(127)), 23);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  return _mm512_maskz_mul_ps(__mmask16(~under), p, _mm512_castsi512_ps(e));
+}
+
+static GRL_INLINE float row_max(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) m = _mm512_max_ps(_mm512_loadu_ps(x + j), m);  // NaN x: keeps m
+  if (j < n) {
+    const __mmask16 k = tail_mask16(n - j);
+    m = _mm512_mask_max_ps(m, k, _mm512_maskz_loadu_ps(k, x + j), m);
+  }
+  return _mm512_reduce_max_ps(m);
+}
+
+static GRL_INLINE float exp_shift_sum(float* x, int64_t n, float mx) {
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 s = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = exp_fast16(_mm512_sub_ps(_mm512_loadu_ps(x + j), m));
+    _mm512_storeu_ps(x + j, e);
+    s = _mm512_add_ps(s, e);
+  }
+  if (j < n) {
+    const __mmask16 k = tail_mask16(n - j);
+    const __m512 e = exp_fast16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), m));
+    _mm512_mask_storeu_ps(x + j, k, e);
+    s = _mm512_mask_add_ps(s, k, s, e);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
+// 16 floats -> bf16 bits, round to nearest even, NaN kept quiet (float_to_bf16_bits per lane)
+static GRL_INLINE __m256i bf16_bits16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet));
+}
+#endif
+
 // x[j] = exp(x[j] - m) in place; returns the sum.
 template <typename T>
 static GRL_INLINE T exp_shift_sum(T* x, int64_t n, T m) {
@@ -106,6 +180,27 @@ static GRL_INLINE void softmax_to(T* row, int64_t n, U* out, const From& from) {
   const T inv = T(1) / sum;
   for (int64_t j = 0; j < n; ++j) out[j] = from(row[j] * inv);
 }
+
+#if GRL_ISA_LEVEL >= 2
+// float32 rows into float32 (in place) or bf16-bit products on AVX-512 (`from` is the
+// layout's conversion, float_to_bf16_bits lane by lane here)
+template <typename U, typename From>
+static GRL_INLINE void softmax_to(float* row, int64_t n, U* out, const From& from) {
+  static_assert(std::is_same<U, float>::value || std::is_same<U, uint16_t>::value, "float or bf16-bit products");
+  const float sum = exp_shift_sum(row, n, row_max(row, n));
+  const __m512 inv = _mm512_set1_ps(1.0f / sum);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask16(n - j);
+    const __m512 p = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, row + j), inv);
+    if constexpr (std::is_same<U, float>::value) {
+      _mm512_mask_storeu_ps(out + j, k, p);
+    } else {
+      _mm256_mask_storeu_epi16(out + j, k, bf16_bits16(p));
+    }
+  }
+  (void)from;
+}
+#endif
 
 // bfloat16 <-> float32 on the raw bits (round to nearest even; NaN stays NaN). Plain
 // integer code that vectorizes, unlike c10::BFloat16's conversions.
