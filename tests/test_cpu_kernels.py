@@ -313,8 +313,10 @@ def test_cpu_backend_under_torch_compile_fullgraph():
 # Every instruction-set path of the kernels (one copy of the task code per ISA, chosen at run
 # time; csrc/cpu/grl_cpu_kernels.h): force each level this CPU supports and compare with the
 # reference, float32 forward + backward and a bfloat16 forward, on a multi-block stripe case
-# with head dim 30 (odd K pairs for the bf16 tiles) and a shifted window.
-ISA_LEVELS = ["baseline", "avx2", "avx512bf16"]
+# with head dim 30 (odd K pairs for the bf16 tiles) and a shifted window; on the bf16-tile paths
+# (avx512bf16, and amx: the same code with its bf16 products through oneDNN's brgemm, opt-in)
+# also every bf16 case of the stripe and window tests, forward and backward.
+ISA_LEVELS = ["baseline", "avx2", "avx512bf16", "amx"]
 
 
 @pytest.fixture
@@ -363,3 +365,8 @@ def test_every_isa_path_matches_reference(cpu_isa, isa):
         w32 = window_attention_reference(qb.float(), wgeom, 3, scale, bias)
         wbf = window_attention_reference(qb, wgeom, 3, scale.bfloat16(), bias.bfloat16())
         assert max_scaled_error(cpu_backend.window(qb, wgeom, 3, scale, bias), w32) <= _bf16_out_tol(wbf, w32)
+    if isa in ("avx512bf16", "amx"):  # the two paths with bf16 tiles: every bf16 case, forward and backward
+        for name in sorted(STRIPE_BF16_CASES):
+            test_stripe_bfloat16(name)
+        for name in sorted(WINDOW_BF16_CASES):
+            test_window_bfloat16(name)

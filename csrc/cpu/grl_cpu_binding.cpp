@@ -16,7 +16,7 @@ namespace cpu {
 // ---------------------------------------------------------------------------
 namespace {
 
-const char* const kIsaNames[] = {"baseline", "avx2", "avx512bf16"};
+const char* const kIsaNames[] = {"baseline", "avx2", "avx512bf16", "amx"};
 
 int detect_isa() {
 #if GRL_X86
@@ -24,7 +24,7 @@ int detect_isa() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx2") &&
       __builtin_cpu_supports("fma"))
-    return 2;
+    return at::native::cpublas::could_pack(at::kBFloat16) ? 3 : 2;  // oneDNN's brgemm runs AMX here
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
       __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2"))
     return 1;
@@ -54,6 +54,7 @@ std::string cpu_path() {
       "baseline x86-64/portable C++ tiles (float32 products; bfloat16 inputs via float32)",
       "AVX2+FMA float32 register tiles (bfloat16 inputs via float32 tiles)",
       "AVX-512 float32 register tiles + AVX512-BF16 vdpbf16ps bfloat16 tiles (forwards, window backward, stripe backward's dq, dk, d anchor)",
+      "AVX-512 float32 register tiles + bfloat16 tile products (forwards, window backward, stripe backward's dq, dk, d anchor) on AMX through oneDNN's brgemm (at::native::cpublas) from 131072 multiply-adds up, smaller ones on AVX512-BF16 vdpbf16ps",
   };
   std::string s = std::string(kIsaNames[isa_level()]) + ": " + kPaths[isa_level()];
 #if defined(__AVX512F__)
@@ -71,10 +72,10 @@ std::string cpu_path() {
 std::string set_cpu_isa(const std::string& name) {
   int want = -1;
   if (name != "auto") {
-    for (int i = 0; i < 3; ++i)
+    for (int i = 0; i < 4; ++i)
       if (name == kIsaNames[i]) want = i;
     TORCH_CHECK(want >= 0, "set_cpu_isa: unknown instruction set '", name,
-                "'; expected 'auto', 'baseline', 'avx2' or 'avx512bf16'");
+                "'; expected 'auto', 'baseline', 'avx2', 'avx512bf16' or 'amx'");
     TORCH_CHECK(want <= detected_isa(), "set_cpu_isa: this CPU does not support '", name, "' (best: '",
                 kIsaNames[detected_isa()], "')");
   }
@@ -130,7 +131,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_backward", &grl::cpu::window_backward, "window attention backward -> (d_qkv, d_tau, d_bias (nh, R))");
   m.def("cpu_path", &grl::cpu::cpu_path, "the instruction-set path the kernels run (chosen at run time)");
   m.def("set_cpu_isa", &grl::cpu::set_cpu_isa,
-        "force 'baseline', 'avx2' or 'avx512bf16' (at most what the CPU has), or 'auto'; returns the level in use");
+        "force 'baseline', 'avx2', 'avx512bf16' or 'amx' (at most what the CPU has), or 'auto'; returns the level in use");
   // test-only (tests/test_large_offsets.py): the kernels on task ranges [t0, t1, ...] only, into the
   // caller's contiguous buffers; the backward ones return the per-chunk partials (tau, reversed bias)
   m.def("_stripe_forward_tasks", &grl::cpu::stripe_forward_tasks,

@@ -19,6 +19,7 @@
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -168,6 +169,8 @@ inline void check_param(const at::Tensor& t, at::ScalarType acc, int64_t n0, int
 // AVX512-BF16. Every kernel file holds one copy of its task code per level (see
 // grl_cpu_kernels.h); set_cpu_isa() may lower the level (tests run every path).
 int isa_level();
+// level 3: the AVX-512 task code with its bfloat16 tile products on AMX (gemm_op, grl_cpu_kernels.h)
+inline bool amx_active() { return isa_level() == 3; }
 std::string cpu_path();
 std::string set_cpu_isa(const std::string& name);
 

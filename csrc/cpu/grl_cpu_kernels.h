@@ -554,9 +554,31 @@ static GRL_INLINE void row_tiles(int64_t N, int64_t K, const T* A, int64_t lda, 
 }
 
 // C (M x N) = A (M x K) B (K x N) (+ C); N a multiple of 16, B and C padded to it.
+// Products of at least this many multiply-adds go to AMX on the "amx" path (GRL-T/S blocks:
+// 32 x 64 x 16 to 64 x 32 x 32, i.e. <= 65536, stay on vdpbf16ps; window 32 / stripes 64 x 64
+// at head dim 30: 0.5-1M, AMX). Measured, one thread, bf16 forwards at 256x256: window 32
+// 392-402 -> 228-249 ms, stripes 64x64 236-252 -> 178-183 ms on AMX; GRL-T's window 8 and
+// stripes 8 x 64 1.05-1.2x slower when their products went to AMX too.
+constexpr int64_t kAmxMinMacs = int64_t(1) << 17;
+
 template <typename T, typename acc_t>
 static void gemm_op(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, acc_t* C,
                     int64_t ldc, bool accumulate) {
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<T, uint16_t>::value) {
+    if (amx_active() && M * N * K >= kAmxMinMacs) {
+      // AMX tiles through oneDNN's brgemm (at::native::cpublas, torch's own micro-kernel): the
+      // same row-major A and VNNI-pair B (its ld_b counts columns, as ldb here); K rounded up to
+      // even over the zero pads. The dispatchers release the tile state after each thread's range.
+      // Small products stay on vdpbf16ps: a brgemm call whose shape differs from the previous one
+      // re-configures the tiles (~430 ns), more than a 32 x 64 x 16 product costs on vdpbf16ps.
+      at::native::cpublas::brgemm(M, N, K + (K & 1), lda, ldb, ldc, accumulate,
+                                  reinterpret_cast<const at::BFloat16*>(A), reinterpret_cast<const at::BFloat16*>(B),
+                                  C, true);
+      return;
+    }
+  }
+#endif
   constexpr int MR = 4;
   int64_t i = 0;
   for (; i + MR <= M; i += MR) row_tiles<MR, T, acc_t>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);

@@ -46,6 +46,7 @@ void stripe_forward_dispatch(const StripeArgs<scalar_t, acc_t>& A, int64_t t0, i
                              acc_t* stat1) {
   switch (isa_level()) {
 #if GRL_X86
+    case 3: isa_avx512::stripe_forward_range(A, t0, t1, out, z, stat1); return at::native::cpublas::brgemm_release();
     case 2: return isa_avx512::stripe_forward_range(A, t0, t1, out, z, stat1);
     case 1: return isa_avx2::stripe_forward_range(A, t0, t1, out, z, stat1);
 #endif
@@ -59,6 +60,9 @@ void stripe_backward_dispatch(const StripeArgs<scalar_t, acc_t>& A, int64_t t0, 
                               acc_t* dt2, acc_t* rdb2) {
   switch (isa_level()) {
 #if GRL_X86
+    case 3:
+      isa_avx512::stripe_backward_range(A, t0, t1, go, z, stat1, gq, ga, dt1, rdb1, dt2, rdb2);
+      return at::native::cpublas::brgemm_release();
     case 2: return isa_avx512::stripe_backward_range(A, t0, t1, go, z, stat1, gq, ga, dt1, rdb1, dt2, rdb2);
     case 1: return isa_avx2::stripe_backward_range(A, t0, t1, go, z, stat1, gq, ga, dt1, rdb1, dt2, rdb2);
 #endif

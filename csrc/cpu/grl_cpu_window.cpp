@@ -39,6 +39,7 @@ template <typename scalar_t, typename acc_t>
 void window_forward_dispatch(const WindowArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, scalar_t* out) {
   switch (isa_level()) {
 #if GRL_X86
+    case 3: isa_avx512::window_forward_range(A, t0, t1, out); return at::native::cpublas::brgemm_release();
     case 2: return isa_avx512::window_forward_range(A, t0, t1, out);
     case 1: return isa_avx2::window_forward_range(A, t0, t1, out);
 #endif
@@ -51,6 +52,9 @@ void window_backward_dispatch(const WindowArgs<scalar_t, acc_t>& A, int64_t t0, 
                               scalar_t* gq, acc_t* dt, acc_t* rdb) {
   switch (isa_level()) {
 #if GRL_X86
+    case 3:
+      isa_avx512::window_backward_range(A, t0, t1, go, gq, dt, rdb);
+      return at::native::cpublas::brgemm_release();
     case 2: return isa_avx512::window_backward_range(A, t0, t1, go, gq, dt, rdb);
     case 1: return isa_avx2::window_backward_range(A, t0, t1, go, gq, dt, rdb);
 #endif

@@ -199,7 +199,7 @@ def cpu_path() -> str:
 
 
 def set_cpu_isa(name: str) -> str:
-    """Force the CPU kernels onto 'baseline', 'avx2' or 'avx512bf16' (at most what the CPU
+    """Force the CPU kernels onto 'baseline', 'avx2', 'avx512bf16' or 'amx' (at most what the CPU
     supports; RuntimeError otherwise), or back to 'auto'. For tests and A/B timings."""
     return load("cpu").set_cpu_isa(name)
 
