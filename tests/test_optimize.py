@@ -130,7 +130,7 @@ def test_conv_weights_channels_last_and_output_nchw(golden):
     """Conv weights are stored channels-last (the CPU convolution then keeps the tokens' channels-last
     layout instead of copying in and out), the output is NCHW-contiguous as the published model's,
     and optimize() stores them channels-last again after load_state_dict(assign=True)."""
-    m, x, expected = golden
+    m, x, _ = golden
     convs = [c for c in m.modules() if isinstance(c, torch.nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     with torch.no_grad():

@@ -553,7 +553,6 @@ static GRL_INLINE void row_tiles(int64_t N, int64_t K, const T* A, int64_t lda, 
   }
 }
 
-// C (M x N) = A (M x K) B (K x N) (+ C); N a multiple of 16, B and C padded to it.
 // Products of at least this many multiply-adds go to AMX on the "amx" path (GRL-T/S blocks:
 // 32 x 64 x 16 to 64 x 32 x 32, i.e. <= 65536, stay on vdpbf16ps; window 32 / stripes 64 x 64
 // at head dim 30: 0.5-1M, AMX). Measured, one thread, bf16 forwards at 256x256: window 32
@@ -561,6 +560,7 @@ static GRL_INLINE void row_tiles(int64_t N, int64_t K, const T* A, int64_t lda, 
 // stripes 8 x 64 1.05-1.2x slower when their products went to AMX too.
 constexpr int64_t kAmxMinMacs = int64_t(1) << 17;
 
+// C (M x N) = A (M x K) B (K x N) (+ C); N a multiple of 16, B and C padded to it.
 template <typename T, typename acc_t>
 static void gemm_op(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, acc_t* C,
                     int64_t ldc, bool accumulate) {

@@ -219,8 +219,7 @@ class GRL(nn.Module):
         """
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and not m.weight.is_contiguous(memory_format=torch.channels_last):
-                with torch.no_grad():
-                    m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
+                m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)  # same Parameter
         return self
 
     # ------------------------------------------------------------------
