@@ -20,6 +20,7 @@ struct WindowArgs {
   const scalar_t* qkv; View3 vq;
   const acc_t* tau; const acc_t* bias;  // bias (nh, R)
   const acc_t* rbias;                   // the bias table reversed (grl_cpu_common.h)
+  const acc_t* bmat;                    // (nh, n, pad16(n)) bias per (query, key), or nullptr
   WindowGeom g; int64_t B, C, nh, d;
 };
 
@@ -72,13 +73,39 @@ void check_window(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor
   check_param(bias, acc, nh, g.table_rows, "bias");
 }
 
+// Windows of at most this many tokens read their logits' bias from a per-call matrix (nh x n
+// x pad16(n) floats: 32 KiB a head at window 8, 256 KiB at 16); larger ones from table runs.
+constexpr int64_t kBiasMatrixMaxTokens = 256;
+
+// The bias of every (query, key) pair of a window, per head: B[h, i, j] = table[rel(i, j)]
+// (the same for every window; the shift masks are added per window). Rows padded to 16
+// entries with zeros. Float32 only (the AVX-512 logits read it); undefined otherwise.
+at::Tensor window_bias_matrix(const at::Tensor& rbias, const WindowGeom& g, int64_t nh) {
+  if (rbias.scalar_type() != at::kFloat || g.n > kBiasMatrixMaxTokens || isa_level() < 2) return at::Tensor();
+  const int64_t n = g.n, np = (n + 15) / 16 * 16, ws = g.ws, side = g.table_side, R = g.table_rows;
+  auto bm = at::zeros({nh, n, np}, rbias.options());
+  const float* rb = rbias.data_ptr<float>();
+  float* o = bm.data_ptr<float>();
+  for (int64_t h = 0; h < nh; ++h)
+    for (int64_t i = 0; i < n; ++i) {
+      // window_logits' indexing: query (yi, xi) reads rb + R - 1 - qoff(i) + y2 * side + x2
+      const int64_t qoff = (i / ws + ws - 1) * side + (i % ws + ws - 1);
+      const float* base = rb + h * R + (R - 1 - qoff);
+      float* row = o + (h * n + i) * np;
+      for (int64_t j = 0; j < n; ++j) row[j] = base[j / ws * side + j % ws];
+    }
+  return bm;
+}
+
 template <typename scalar_t, typename acc_t>
 WindowArgs<scalar_t, acc_t> window_args(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor& bias,
-                                        const at::Tensor& rbias, const WindowGeom& g, int64_t nh) {
+                                        const at::Tensor& rbias, const at::Tensor& bmat, const WindowGeom& g,
+                                        int64_t nh) {
   WindowArgs<scalar_t, acc_t> A;
   A.qkv = qkv.data_ptr<scalar_t>();
   A.vq = {qkv.stride(0), qkv.stride(1), qkv.stride(2)};
   A.tau = tau.data_ptr<acc_t>(); A.bias = bias.data_ptr<acc_t>(); A.rbias = rbias.data_ptr<acc_t>();
+  A.bmat = bmat.defined() ? bmat.data_ptr<acc_t>() : nullptr;
   A.g = g; A.B = qkv.size(0); A.C = qkv.size(2) / 3; A.nh = nh; A.d = A.C / nh;
   return A;
 }
@@ -88,9 +115,10 @@ WindowArgs<scalar_t, acc_t> window_args(const at::Tensor& qkv, const at::Tensor&
 void window_forward_run(const at::Tensor& qkv, const at::Tensor& tau, const at::Tensor& bias, const WindowGeom& g,
                         int64_t nh, const at::Tensor& out, const TaskRanges& ranges) {
   const auto rb = reversed_bias(bias);
+  const auto bm = window_bias_matrix(rb, g, nh);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "grl_window_forward", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    const auto A = window_args<scalar_t, acc_t>(qkv, tau, bias, rb, g, nh);
+    const auto A = window_args<scalar_t, acc_t>(qkv, tau, bias, rb, bm, g, nh);
     scalar_t* o = out.data_ptr<scalar_t>();
     for_task_ranges(ranges, [&](int64_t t0, int64_t t1) { window_forward_dispatch(A, t0, t1, o); });
   });
@@ -108,9 +136,10 @@ void window_backward_run(const at::Tensor& grad_out, const at::Tensor& qkv, cons
   const int64_t tasks = qkv.size(0) * g.num_windows * nh;
   const int64_t chunks = dtau.size(0);
   const auto rb = reversed_bias(bias);
+  const auto bm = window_bias_matrix(rb, g, nh);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, qkv.scalar_type(), "grl_window_backward", [&] {
     using acc_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    const auto A = window_args<scalar_t, acc_t>(qkv, tau, bias, rb, g, nh);
+    const auto A = window_args<scalar_t, acc_t>(qkv, tau, bias, rb, bm, g, nh);
     const scalar_t* go = grad_out.data_ptr<scalar_t>();
     scalar_t* gq = gqkv.data_ptr<scalar_t>();
     acc_t* dt = dtau.data_ptr<acc_t>();

@@ -22,16 +22,20 @@ constexpr int64_t kQueryBlock = 32;  // query rows per block of window attention
 
 // Positions, bias offsets and region ids of a window's tokens, walking it row by row on the
 // rolled grid (no divisions); qoff[j] - (y2 * side + x2) is the bias row of (j, (y2, x2)).
+// masked: the window spans more than one region of the shifted image (only those windows
+// get the -100 mask); rid is padded to a multiple of 16 entries (vector loads).
 struct WindowIndex {
   std::vector<int64_t> pos, qoff;
   std::vector<int> rid;
-  WindowIndex(const WindowGeom& g, int64_t win) : pos(g.n), qoff(g.n), rid(g.n) {
+  bool masked = false;
+  WindowIndex(const WindowGeom& g, int64_t win) : pos(g.n), qoff(g.n), rid((g.n + 15) / 16 * 16, 0) {
     const int64_t side = g.table_side;
     const int64_t r0 = win / g.windows_w * g.ws, c0 = win % g.windows_w * g.ws;
     for (int64_t j = 0, y = 0, x = 0; j < g.n; ++j) {
       pos[j] = window_token_position_rc(g, r0 + y, c0 + x);
       qoff[j] = (y + g.ws - 1) * side + (x + g.ws - 1);
       rid[j] = g.shift > 0 ? window_token_region_rc(g, r0 + y, c0 + x) : 0;
+      masked = masked || rid[j] != rid[0];
       if (++x == g.ws) x = 0, ++y;
     }
   }
@@ -85,6 +89,38 @@ GRL_INLINE void window_logits(const WindowGeom& g, const WindowIndex& I, int64_t
   }
 }
 
+// The same logits from the per-call bias matrix A.bmat (nh x n x np: the table gathered once
+// per call, see window_bias_matrix), on whole 16-wide vectors over the padded row (np
+// entries; colscale padded too): row = s colscale dot + Bm[i] (+ M[i] in masked windows).
+// Full-vector stores only: the 8-wide bias runs of window 8 stored as halves do not forward
+// to the softmax's 16-wide loads (store-forwarding stalls were ~6 % of a window-8 forward).
+// Falls back to window_logits without the matrix (large windows, float64).
+template <typename scalar_t, typename acc_t>
+GRL_INLINE void window_logits_row(const WindowArgs<scalar_t, acc_t>& A, const WindowIndex& I, int64_t h, int64_t i,
+                                  acc_t s, const acc_t* rb, acc_t* row, const acc_t* colscale = nullptr) {
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (A.bmat) {
+      const int64_t n = A.g.n, np = pad16(n);
+      const float* bm = A.bmat + (h * n + i) * np;
+      const __m512 sv = _mm512_set1_ps(s), mv = _mm512_set1_ps(kMaskValue);
+      const __m512i ri = _mm512_set1_epi32(I.rid[i]);
+      for (int64_t j = 0; j < np; j += 16) {
+        const __m512 sc = colscale ? _mm512_mul_ps(sv, _mm512_loadu_ps(colscale + j)) : sv;
+        __m512 x = _mm512_fmadd_ps(sc, _mm512_loadu_ps(row + j), _mm512_loadu_ps(bm + j));
+        if (I.masked) {
+          const __mmask16 other = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(I.rid.data() + j), ri);
+          x = _mm512_mask_add_ps(x, other, x, mv);
+        }
+        _mm512_storeu_ps(row + j, x);
+      }
+      return;
+    }
+  }
+#endif
+  window_logits(A.g, I, i, s, rb, row, colscale);
+}
+
 template <typename acc_t>
 GRL_INLINE void softmax_row_inplace(acc_t* row, int64_t n) {
   const acc_t sum = exp_shift_sum(row, n, row_max(row, n));
@@ -104,15 +140,14 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, sca
   // contiguous tiles: q_hat rows (A), k_hat^T (B, K = d, N = n), v (B, K = n, N = d)
   // RAW rows (bfloat16 stays exact); the dot products are scaled by 1 / (|q| |k|) in float32
   std::vector<T> qA(n * dk, T(0)), kB(dk * np, T(0)), vB(nk * dp, T(0));
-  std::vector<acc_t> qinv(n), kinv(n);
+  std::vector<acc_t> qinv(n), kinv(np, acc_t(0));
+  T qb[kMaxStackD + 2], kb[kMaxStackD + 2], vb[kMaxStackD + 2];
   gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
     qinv[j] = inv_norm(q, d);
     kinv[j] = inv_norm(k, d);
-    for (int64_t c = 0; c < d; ++c) {
-      qA[j * dk + c] = Lay::from(q[c]);
-      kB[Lay::bidx(c, j, np)] = Lay::from(k[c]);
-      vB[Lay::bidx(j, c, dp)] = Lay::from(v[c]);
-    }
+    to_tile_row(q, qb, d), to_tile_row(k, kb, d), to_tile_row(v, vb, d);
+    std::memcpy(qA.data() + j * dk, qb, d * sizeof(T));
+    for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, j, np)] = kb[c], vB[Lay::bidx(j, c, dp)] = vb[c];
   });
   const int64_t MB = std::min(kQueryBlock, n);
   std::vector<acc_t> S(MB * np), Y(MB * dp);
@@ -125,7 +160,7 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, sca
     gemm_op<T, acc_t>(mb, np, d, qA.data() + i0 * dk, dk, kB.data(), np, S.data(), np, false);  // cos
     for (int64_t r = 0; r < mb; ++r) {
       acc_t* row = S.data() + r * np;
-      window_logits(g, I, i0 + r, tau * qinv[i0 + r], rb, row, kinv.data());
+      window_logits_row(A, I, h, i0 + r, tau * qinv[i0 + r], rb, row, kinv.data());
       T* pr = kInPlace ? reinterpret_cast<T*>(row) : P.data() + r * nk;
       softmax_to(row, n, pr, [](acc_t x) { return Lay::from(x); });
     }
@@ -182,7 +217,7 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
   // v^T (B of dP, K = d, N = np), k (B of dq, K = nk, N = dp), q^T (A of dk^T, d x nk);
   // float32 q_hat, k_hat rows (dp wide) and norms for the normalize backward.
   std::vector<T> qA(n * dk, T(0)), kB(dk * np, T(0)), vB(dk * np, T(0)), kR(nk * dp, T(0)), qT(d * nk, T(0));
-  std::vector<acc_t> qh(n * dp, acc_t(0)), kh(n * dp, acc_t(0)), qn(n), kn(n), qinv(n), kinv(n), tkinv(n);
+  std::vector<acc_t> qh(n * dp, acc_t(0)), kh(n * dp, acc_t(0)), qn(n), kn(n), qinv(n), kinv(np, acc_t(0)), tkinv(n);
   const acc_t tau = A.tau[h];
   // In the K = d tiles (k^T, v^T) the VNNI pair (2p, 2p + 1) of column j is 32-bit word p
   // of row j: one 32-bit store per channel pair.
@@ -194,7 +229,7 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
     qinv[j] = inv_norm(q, d);
     kinv[j] = inv_norm(k, d);
     tkinv[j] = tau * kinv[j];
-    for (int64_t c = 0; c < d; ++c) qb[c] = Lay::from(q[c]), kb[c] = Lay::from(k[c]), vb[c] = Lay::from(v[c]);
+    bf16_bits_row(q, qb, d), bf16_bits_row(k, kb, d), bf16_bits_row(v, vb, d);
     std::memcpy(qA.data() + j * dk, qb, dk * sizeof(T));
     for (int64_t p = 0; p < dk / 2; ++p) {
       std::memcpy(kB32 + p * np + j, kb + 2 * p, sizeof(uint32_t));
@@ -224,7 +259,7 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
       acc_t* pr = P.data() + r * np;
       acc_t* cr = cs.data() + r * np;
       for (int64_t j = 0; j < n; ++j) cr[j] = qinv[i] * kinv[j] * pr[j];  // cos
-      window_logits(g, I, i, tau * qinv[i], rb, pr, kinv.data());     // as the forward
+      window_logits_row(A, I, h, i, tau * qinv[i], rb, pr, kinv.data());  // as the forward
       softmax_row_inplace(pr, n);
       const T* gy = reinterpret_cast<const T*>(gout + (b * L + I.pos[i]) * C + h * d);
       for (int64_t c = 0; c < d; ++c) dYA[r * dk + c] = gy[c], dYT[c * MBk + r] = gy[c];
