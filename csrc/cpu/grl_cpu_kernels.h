@@ -641,6 +641,78 @@ static void gemm_op(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
   }
 }
 
+// One run of logits in place: o[x] = s cs[x] o[x] + bb[x] (cs == nullptr: s o[x] + bb[x]),
+// the scaled dot products plus a contiguous run of a bias table.
+template <typename acc_t>
+static GRL_INLINE void bias_run(acc_t* __restrict o, const acc_t* __restrict cs, const acc_t* __restrict bb, acc_t s,
+                                int64_t len) {
+  if (cs) {
+    for (int64_t x = 0; x < len; ++x) o[x] = s * cs[x] * o[x] + bb[x];
+  } else {
+    for (int64_t x = 0; x < len; ++x) o[x] = s * o[x] + bb[x];
+  }
+}
+
+// row[j] += mask where ids[j] != id (the -100 of keys in another region of the shifted image)
+template <typename acc_t>
+static GRL_INLINE void add_region_mask(acc_t* __restrict row, const int* __restrict ids, int id, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) row[j] += (id != ids[j]) ? acc_t(kMaskValue) : acc_t(0);
+}
+
+#if GRL_ISA_LEVEL >= 2
+// The same on 16 lanes (GCC compiles the loops above to 8-wide halves, whose stores do not
+// forward to the softmax's 16-wide loads of the row: ~6 % of a stripe forward). Runs whose
+// length is a multiple of 16 (GRL-T/S: 64 tokens, 16 anchors) store whole vectors only.
+// Short runs (window 8's rows, the 8-token rows and 2-anchor rows of vertical stripes) are
+// better served by bias_gather below.
+static GRL_INLINE void bias_run(float* o, const float* cs, const float* bb, float s, int64_t len) {
+  if (len % 16) {
+    bias_run<float>(o, cs, bb, s, len);
+    return;
+  }
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t x = 0; x < len; x += 16) {
+    const __m512 sc = cs ? _mm512_mul_ps(sv, _mm512_loadu_ps(cs + x)) : sv;
+    _mm512_storeu_ps(o + x, _mm512_fmadd_ps(sc, _mm512_loadu_ps(o + x), _mm512_loadu_ps(bb + x)));
+  }
+}
+
+// A whole row of logits with the bias gathered: row[j] = s cs[j] row[j] + base[idx[j]], j < n
+// (cs == nullptr: s row[j] + ...), 16 lanes, whole-vector stores but for the tail.
+static GRL_INLINE void bias_gather(float* row, const float* cs, const float* base, const int32_t* idx, float s,
+                                   int64_t n) {
+  const __m512 sv = _mm512_set1_ps(s);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask16(n - j);
+    const __m512i ix = _mm512_maskz_loadu_epi32(k, idx + j);
+    const __m512 b = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), k, ix, base, 4);
+    const __m512 sc = cs ? _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(k, cs + j)) : sv;
+    const __m512 v = _mm512_fmadd_ps(sc, _mm512_maskz_loadu_ps(k, row + j), b);
+    if (k == 0xffff) {
+      _mm512_storeu_ps(row + j, v);
+    } else {
+      _mm512_mask_storeu_ps(row + j, k, v);
+    }
+  }
+}
+
+static GRL_INLINE void add_region_mask(float* row, const int* ids, int id, int64_t n) {
+  const __m512i iv = _mm512_set1_epi32(id);
+  const __m512 mv = _mm512_set1_ps(kMaskValue);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = tail_mask16(n - j);
+    const __mmask16 other = _mm512_mask_cmpneq_epi32_mask(k, _mm512_maskz_loadu_epi32(k, ids + j), iv);
+    if (k == 0xffff) {
+      const __m512 x = _mm512_loadu_ps(row + j);
+      _mm512_storeu_ps(row + j, _mm512_mask_add_ps(x, other, x, mv));
+    } else {
+      const __m512 x = _mm512_maskz_loadu_ps(k, row + j);
+      _mm512_mask_storeu_ps(row + j, k, _mm512_mask_add_ps(x, other, x, mv));
+    }
+  }
+}
+#endif
+
 // A contiguous run of bias-table entries: `len` consecutive logits starting at column `j0`
 // of a row read bias[off + 0 .. off + len - 1] of a REVERSED table (see grl_cpu_common.h).
 struct BiasRun {

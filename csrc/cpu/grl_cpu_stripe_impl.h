@@ -36,10 +36,11 @@ struct AnchorTile {
   std::vector<acc_t> ahat, aT, anorm;
   std::vector<int> aid;
   std::vector<int64_t> abase, aoff;
+  std::vector<int32_t> aoff32;  // aoff as gather indices
   // raw: keep the rows unnormalized (the forward; anorm then holds 1 / max(||a||, eps)).
   AnchorTile(const StripeArgs<scalar_t, acc_t>& A, int64_t b, int64_t win, int64_t h, bool transposed, bool raw)
       : n2(A.g.n2), d(A.d), dp(pad16(A.d)), ahat(n2 * dp, acc_t(0)), aT(transposed ? d * n2 : 0), anorm(n2),
-        aid(n2), abase(n2), aoff(n2) {
+        aid(n2), abase(n2), aoff(n2), aoff32(n2) {
     const StripeGeom& g = A.g;
     for (int64_t i = 0; i < n2; ++i) {
       const int64_t p = stripe_anchor_position(g, win, i);
@@ -53,6 +54,7 @@ struct AnchorTile {
       const int64_t u = i / g.aw, v = i % g.aw;
       abase[i] = (u + g.sh - 1) * g.table_w + (v + g.sw - 1);
       aoff[i] = u * g.table_w + v;
+      aoff32[i] = static_cast<int32_t>(aoff[i]);
     }
   }
 };
@@ -63,9 +65,10 @@ struct AnchorTile {
 struct TokenBlock {
   int64_t nb = 0, nruns = 0;
   std::vector<int64_t> pos, toff, tbase;
+  std::vector<int32_t> toff32;  // toff as gather indices
   std::vector<int> tid;
   std::vector<BiasRun> runs;
-  TokenBlock() : pos(kBlock), toff(kBlock), tbase(kBlock), tid(kBlock), runs(kBlock) {}
+  TokenBlock() : pos(kBlock), toff(kBlock), tbase(kBlock), toff32(kBlock), tid(kBlock), runs(kBlock) {}
   // Walks the block row by row on the rolled grid (one division per block, none per token).
   void index(const StripeGeom& g, int64_t win, int64_t jb) {
     nb = std::min(kBlock, g.n1 - jb);
@@ -75,6 +78,7 @@ struct TokenBlock {
     for (int64_t jj = 0; jj < nb; ++jj) {
       pos[jj] = stripe_token_position_rc(g, r0 + y, c0 + x);
       toff[jj] = y * g.table_w + x;
+      toff32[jj] = static_cast<int32_t>(toff[jj]);
       tbase[jj] = (y + g.ah - 1) * g.table_w + (x + g.aw - 1);
       tid[jj] = g.shifted ? stripe_token_region_rc(g, r0 + y, c0 + x) : 0;
       if (jj == 0 || x == 0) runs[nruns++] = BiasRun{jj, 0, toff[jj]};
@@ -92,41 +96,42 @@ template <typename acc_t>
 GRL_INLINE void stage1_logits(const StripeGeom& g, acc_t tau, const acc_t* rb1, int64_t abase_i, int aid_i,
                               const TokenBlock& T, acc_t* row, const acc_t* colscale = nullptr) {
   const acc_t* base = rb1 + (g.table_rows - 1 - abase_i);
-  for (int64_t r = 0; r < T.nruns; ++r) {
-    const BiasRun run = T.runs[r];
-    const acc_t* bb = base + run.off;
-    acc_t* o = row + run.j0;
-    if (colscale) {
-      const acc_t* cs = colscale + run.j0;
-      for (int64_t x = 0; x < run.len; ++x) o[x] = tau * cs[x] * o[x] + bb[x];
-    } else {
-      for (int64_t x = 0; x < run.len; ++x) o[x] = tau * o[x] + bb[x];
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (g.sw % 16) {  // runs of fewer than 16 tokens: gather the row's bias in one sweep
+      bias_gather(row, colscale, base, T.toff32.data(), tau, T.nb);
+      if (g.shifted) add_region_mask(row, T.tid.data(), aid_i, T.nb);
+      return;
     }
   }
-  if (g.shifted) {
-    const int* tid = T.tid.data();
-    for (int64_t jj = 0; jj < T.nb; ++jj) row[jj] += (aid_i != tid[jj]) ? acc_t(kMaskValue) : acc_t(0);
+#endif
+  for (int64_t r = 0; r < T.nruns; ++r) {
+    const BiasRun run = T.runs[r];
+    bias_run(row + run.j0, colscale ? colscale + run.j0 : nullptr, base + run.off, tau, run.len);
   }
+  if (g.shifted) add_region_mask(row, T.tid.data(), aid_i, T.nb);
 }
 
 // Stage-2 logits of token row j over the anchors, in place: tau2 * cos + B2[tbase_j - aoff_i]
 // + mask; anchors of one anchor row (aw of them) read one run of the reversed table rb2.
 template <typename acc_t>
 GRL_INLINE void stage2_logits(const StripeGeom& g, acc_t tau, const acc_t* rb2, int64_t tbase_j, int tid_j,
-                              const int* aid, acc_t* row, const acc_t* colscale = nullptr) {
+                              const int* aid, const int32_t* aoff32, acc_t* row, const acc_t* colscale = nullptr) {
   const acc_t* base = rb2 + (g.table_rows - 1 - tbase_j);
-  for (int64_t u = 0; u < g.ah; ++u) {
-    const acc_t* bb = base + u * g.table_w;
-    acc_t* o = row + u * g.aw;
-    if (colscale) {
-      const acc_t* cs = colscale + u * g.aw;
-      for (int64_t v = 0; v < g.aw; ++v) o[v] = tau * cs[v] * o[v] + bb[v];
-    } else {
-      for (int64_t v = 0; v < g.aw; ++v) o[v] = tau * o[v] + bb[v];
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<acc_t, float>::value) {
+    if (g.aw % 16) {  // anchor rows of fewer than 16: gather the row's bias in one sweep
+      bias_gather(row, colscale, base, aoff32, tau, g.n2);
+      if (g.shifted) add_region_mask(row, aid, tid_j, g.n2);
+      return;
     }
   }
-  if (g.shifted)
-    for (int64_t i = 0; i < g.n2; ++i) row[i] += (aid[i] != tid_j) ? acc_t(kMaskValue) : acc_t(0);
+#else
+  (void)aoff32;
+#endif
+  for (int64_t u = 0; u < g.ah; ++u)
+    bias_run(row + u * g.aw, colscale ? colscale + u * g.aw : nullptr, base + u * g.table_w, tau, g.aw);
+  if (g.shifted) add_region_mask(row, aid, tid_j, g.n2);
 }
 
 // Stage-2 probabilities in place (exact softmax over the n2 anchors).
@@ -191,6 +196,7 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
       qA(kBlock * dk, T(0)), P2(kInPlace ? 0 : kBlock * n2k, T(0));
   std::vector<acc_t> vB(kBlock * dp, acc_t(0)), S(n2 * kBlock), S2(kBlock * n2p), Z(n2 * dp, acc_t(0)), Yb(kBlock * dp), m(n2, neg_inf<acc_t>()),
       l(n2, acc_t(0)), xn(kBlock);
+  T kt[kMaxStackD];
   for (int64_t i = 0; i < n2; ++i)
     for (int64_t c = 0; c < d; ++c) {
       const T v = Lay::from(AT.ahat[i * dp + c]);
@@ -204,7 +210,8 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
     const int64_t nb = TB.nb;
     gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
       xn[jj] = inv_norm(r, d);  // raw k in the tile, 1 / |k| applied to the dot products
-      for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = Lay::from(r[c]);
+      to_tile_row(r, kt, d);
+      for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = kt[c];
     });
     gather_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
       for (int64_t c = 0; c < d; ++c) vB[jj * dp + c] = r[c];
@@ -243,13 +250,13 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
     const int64_t nb = TB.nb;
     gather_tokens(A, TB, b, h, 0, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
       xn[jj] = inv_norm(r, d);
-      for (int64_t c = 0; c < d; ++c) qA[jj * dk + c] = Lay::from(r[c]);
+      to_tile_row(r, qA.data() + jj * dk, d);
     });
     for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(out + (b * g.H * g.W + TB.pos[jj]) * A.C + h * d, d);
     gemm_op<T, acc_t>(nb, n2p, d, qA.data(), dk, aB.data(), n2p, S2.data(), n2p, false);  // cos
     for (int64_t jj = 0; jj < nb; ++jj) {
       acc_t* row = S2.data() + jj * n2p;
-      stage2_logits(g, tau2 * xn[jj], rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), row, AT.anorm.data());
+      stage2_logits(g, tau2 * xn[jj], rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), AT.aoff32.data(), row, AT.anorm.data());
       T* pr = kInPlace ? reinterpret_cast<T*>(row) : P2.data() + jj * n2k;
       softmax_to(row, n2, pr, [](acc_t x) { return Lay::from(x); });
     }
@@ -450,7 +457,7 @@ void stripe_backward_task_bf16(const StripeArgs<scalar_t, acc_t>& A, int64_t tas
       acc_t* cr = cs2.data() + jj * n2p;
       acc_t* dr = dP2.data() + jj * n2p;
       for (int64_t i = 0; i < n2; ++i) cr[i] = xinv[jj] * AR.anorm[i] * pr[i];  // cos
-      stage2_logits(g, tau2 * xinv[jj], rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), pr, AR.anorm.data());
+      stage2_logits(g, tau2 * xinv[jj], rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), AT.aoff32.data(), pr, AR.anorm.data());
       softmax_inplace(pr, n2);
       dt2 += stage2_row_backward(g, TB.tbase[jj], pr, cr, dr, rdb2);
       T* sa = dSA2.data() + jj * n2k;
@@ -605,7 +612,7 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
       const acc_t* cr = cs.data() + jj * n2;
       acc_t* pr = P.data() + jj * n2;
       for (int64_t i = 0; i < n2; ++i) pr[i] = cr[i];
-      stage2_logits(g, tau2, rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), pr);
+      stage2_logits(g, tau2, rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), AT.aoff32.data(), pr);
       softmax_inplace(pr, n2);
       dt2 += stage2_row_backward(g, TB.tbase[jj], pr, cr, dP.data() + jj * n2, rdb2);
     }

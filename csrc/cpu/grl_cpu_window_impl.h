@@ -72,21 +72,9 @@ GRL_INLINE void window_logits(const WindowGeom& g, const WindowIndex& I, int64_t
                               acc_t* row, const acc_t* colscale = nullptr) {
   const int64_t ws = g.ws, side = g.table_side;
   const acc_t* base = rb + (g.table_rows - 1 - I.qoff[i]);
-  for (int64_t y2 = 0; y2 < ws; ++y2) {
-    const acc_t* bb = base + y2 * side;
-    acc_t* o = row + y2 * ws;
-    if (colscale) {
-      const acc_t* cs = colscale + y2 * ws;
-      for (int64_t x2 = 0; x2 < ws; ++x2) o[x2] = tau * cs[x2] * o[x2] + bb[x2];
-    } else {
-      for (int64_t x2 = 0; x2 < ws; ++x2) o[x2] = tau * o[x2] + bb[x2];
-    }
-  }
-  if (g.shift > 0) {
-    const int ri = I.rid[i];
-    const int* rr = I.rid.data();
-    for (int64_t j = 0; j < g.n; ++j) row[j] += (ri != rr[j]) ? acc_t(kMaskValue) : acc_t(0);
-  }
+  for (int64_t y2 = 0; y2 < ws; ++y2)
+    bias_run(row + y2 * ws, colscale ? colscale + y2 * ws : nullptr, base + y2 * side, tau, ws);
+  if (I.masked) add_region_mask(row, I.rid.data(), I.rid[i], g.n);
 }
 
 // The same logits from the per-call bias matrix A.bmat (nh x n x np: the table gathered once
