@@ -18,6 +18,18 @@ reaches in any process that frees tensors of 32 MiB or more (mmap threshold 32 M
 threshold 64 MiB); setting glibc's lower initial defaults back would make every later
 allocation of the process slower than it would otherwise be.
 
+Large blocks (1 MiB and up): where the compiled CPU extension is loaded or installed prebuilt,
+the scope also opens its block cache (csrc/cpu/grl_cpu_block_cache.cpp), which serves them
+instead of glibc: freed blocks are kept by exact size for reuse, new ones are mapped with their
+pages filled in one call, and when in-use plus cached bytes would pass the scope's high-water
+mark of bytes in use plus ``BLOCK_CACHE_SLACK`` (10 %), the cached block closest in size is cut
+or grown instead (its resident pages reused) and others are unmapped, least recently freed
+first. The heap then holds only the small blocks, and the peak resident memory follows the
+live tensors' peak: GRL-B at 256x256, float32, 2 cores, 234 MiB RSS for 208 MiB of live
+tensors, against 345-390 MiB with large blocks in glibc's heap, at the same speed (1.2 GB of
+its 11.8 GB of large allocations per forward newly faulted in). ``GRL_KERNELS_BLOCK_CACHE=0``
+leaves large blocks to glibc, as before.
+
 Nested and concurrent scopes share one count: only the outermost entry and exit touch the
 allocator. Elsewhere (non-glibc, ``GRL_KERNELS_HEAP_CACHE=0``) the scope does nothing.
 """
@@ -45,6 +57,11 @@ _depth = 0
 # through release_promptly (e.g. grl-kernels restore under a memory budget)
 _exit_thresholds = [_SETTLED_MMAP_THRESHOLD, _SETTLED_TRIM_THRESHOLD]
 _libc = []  # [CDLL or None], resolved on first use
+# the block cache serves requests of at least this many bytes; cached bytes may exceed the
+# high-water mark of bytes in use by this fraction
+BLOCK_CACHE_MIN_BYTES = 1 << 20
+BLOCK_CACHE_SLACK = 0.1
+_block_cache = []  # the extension module of the scope that opened it, while open
 
 
 def _glibc():
@@ -67,6 +84,26 @@ def supported() -> bool:
     return os.environ.get("GRL_KERNELS_HEAP_CACHE", "1") != "0" and _glibc() is not None
 
 
+def _block_cache_module():
+    """The loaded (or prebuilt, then loaded) CPU extension, or None: never builds it here."""
+    if os.environ.get("GRL_KERNELS_BLOCK_CACHE", "1") == "0":
+        return None
+    try:
+        from .backends.extension import loaded_without_building
+    except ImportError:  # pragma: no cover - partial installs
+        return None
+    mod = loaded_without_building("cpu")
+    return mod if mod is not None and hasattr(mod, "block_cache_enter") else None
+
+
+def block_cache_stats(reset_peak: bool = False) -> dict:
+    """Counters of the block cache ({'installed': 0} before its first scope): bytes in use,
+    cached, high-water and peak resident; hits, maps, unmaps. ``reset_peak`` restarts the peak
+    and the counters."""
+    mod = _block_cache_module()
+    return dict(mod.block_cache_stats(reset_peak)) if mod is not None else {"installed": 0}
+
+
 def active() -> bool:
     """True while some thread is inside a :func:`heap_cache` scope that took effect."""
     return _depth > 0
@@ -85,12 +122,17 @@ def heap_cache(enabled: bool = True):
         if _depth == 1:
             lib.mallopt(_M_MMAP_MAX, 0)
             lib.mallopt(_M_TRIM_THRESHOLD, _CACHE_TRIM_THRESHOLD)
+            mod = _block_cache_module()
+            if mod is not None and mod.block_cache_enter(BLOCK_CACHE_MIN_BYTES, BLOCK_CACHE_SLACK):
+                _block_cache.append(mod)
     try:
         yield
     finally:
         with _lock:
             _depth -= 1
             if _depth == 0:
+                while _block_cache:
+                    _block_cache.pop().block_cache_exit()
                 lib.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
                 lib.mallopt(_M_MMAP_THRESHOLD, _exit_thresholds[0])
                 lib.mallopt(_M_TRIM_THRESHOLD, _exit_thresholds[1])

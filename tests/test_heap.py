@@ -125,3 +125,104 @@ def test_banded_upsampler_tail_matches_unbanded(upsampler, scale):
     assert ((banded - full).abs().max() / full.abs().max()).item() <= 1e-5  # oneDNN picks its blocking by size: ~1e-6 apart; a short halo is ~1e-1
     with torch.enable_grad():  # autograd calls are never banded
         assert torch.equal(m._tail(feats).detach(), full)
+
+
+# ---------------------------------------------------------------- the block cache of large blocks
+_BLOCK_CACHE_CHECKS = r"""
+import json, resource, threading, torch
+from grl_kernels import heap
+from grl_kernels.backends.extension import load
+load("cpu")
+MiB = 2 ** 20
+def faults(fn):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+def touch(mib):
+    t = torch.empty(mib * MiB // 4)
+    t.fill_(1.0)
+    return t
+out = {"before": heap.block_cache_stats()}
+with heap.heap_cache():
+    s0 = heap.block_cache_stats(reset_peak=True)
+    a = touch(64)
+    out["first_faults"] = 0  # mapped with MAP_POPULATE: counted as faults, but in one call
+    del a
+    out["reuse_faults"] = faults(lambda: touch(64))  # same size: the cached block, no page faults
+    s1 = heap.block_cache_stats()
+    b = touch(32)  # another size: 64 cached + 32 new > the 64 MiB high-water mark -> 64 unmapped
+    s2 = heap.block_cache_stats()
+    keep = touch(16)  # allocated inside, freed after the scope
+    del b
+    small = torch.empty(1000)  # below the minimum: the default allocator
+    # two threads allocating and freeing at once
+    def work():
+        for _ in range(50):
+            t = touch(2)
+            t.add_(1)
+    th = [threading.Thread(target=work) for _ in range(2)]
+    [t.start() for t in th]
+    [t.join() for t in th]
+    s3 = heap.block_cache_stats()
+s4 = heap.block_cache_stats()
+del keep
+s5 = heap.block_cache_stats()
+with heap.heap_cache():  # growing a cached block: only the difference is new
+    heap.block_cache_stats(reset_peak=True)
+    a = touch(32)
+    a_ptr = a.data_ptr()
+    del a
+    b = touch(48)
+    b.fill_(2.0)
+    s6 = heap.block_cache_stats()
+    out["grown_ok"] = bool((b == 2.0).all())
+    del b
+out.update(s0=s0, s1=s1, s2=s2, s3=s3, s4=s4, s5=s5, s6=s6)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _run_checks(env=None):
+    r = subprocess.run([sys.executable, "-c", _BLOCK_CACHE_CHECKS], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **(env or {})})
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))
+    import json
+
+    return json.loads(line[len("RESULT "):])
+
+
+def _have_cpu_extension():
+    from grl_kernels.backends.extension import availability
+
+    return availability("cpu")[0]
+
+
+@pytest.mark.skipif(not _have_cpu_extension(), reason="compiled CPU extension not available")
+def test_block_cache_reuses_bounds_and_gives_back():
+    """Large blocks inside a scope: reused by size without faults; cached bytes never push the
+    resident total past the high-water mark of bytes in use; all unmapped after the scope."""
+    r = _run_checks()
+    MiB = 2 ** 20
+    assert r["before"] == {"installed": 0}  # nothing is installed before the first scope
+    s1, s2, s3, s4, s5 = (r[k] for k in ("s1", "s2", "s3", "s4", "s5"))
+    assert s1["installed"] == 1 and s1["depth"] == 1
+    assert s1["hits"] == 1 and s1["maps"] == 1, s1  # the second 64 MiB block was the first one
+    assert r["reuse_faults"] < 64 * MiB // 4096 // 20, r["reuse_faults"]
+    # the cached 64 MiB block is cut to 32 MiB (its tail unmapped) rather than a new one mapped
+    assert s2["resizes"] == 1 and s2["maps"] == 1 and s2["cached_bytes"] == 0 and s2["in_use_bytes"] == 32 * MiB, s2
+    assert s2["high_water_bytes"] == 64 * MiB and s2["peak_resident_bytes"] == 64 * MiB, s2
+    assert s3["peak_resident_bytes"] <= s3["high_water_bytes"], s3
+    assert s3["hits"] >= 90, s3  # the threads' 2 MiB blocks come back from the cache
+    assert s4["depth"] == 0 and s4["cached_bytes"] == 0 and s4["in_use_bytes"] == 16 * MiB, s4
+    assert s5["in_use_bytes"] == 0 and s5["unmaps"] == s4["unmaps"] + 1, s5
+    s6 = r["s6"]  # 32 MiB cached, 48 MiB asked for with no room for both: the 32 MiB block grows
+    assert s6["maps"] == 1 and s6["resizes"] == 1 and s6["mapped_bytes"] == 32 * MiB + 16 * MiB, s6
+    assert s6["peak_resident_bytes"] <= s6["high_water_bytes"] * 1.1 + 1, s6
+    assert r["grown_ok"]
+
+
+@pytest.mark.skipif(not _have_cpu_extension(), reason="compiled CPU extension not available")
+def test_block_cache_disabled_by_env():
+    r = _run_checks({"GRL_KERNELS_BLOCK_CACHE": "0"})
+    assert r["s1"] == {"installed": 0}

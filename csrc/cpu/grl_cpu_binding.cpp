@@ -132,6 +132,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_path", &grl::cpu::cpu_path, "the instruction-set path the kernels run (chosen at run time)");
   m.def("set_cpu_isa", &grl::cpu::set_cpu_isa,
         "force 'baseline', 'avx2', 'avx512bf16' or 'amx' (at most what the CPU has), or 'auto'; returns the level in use");
+  m.def("block_cache_enter", &grl::cpu::block_cache_enter, py::arg("min_bytes"), py::arg("slack"),
+        "open an inference scope of the block cache (installs it in front of the CPU allocator on first use)");
+  m.def("block_cache_exit", &grl::cpu::block_cache_exit, "close a scope; the last one unmaps the cached blocks");
+  m.def("block_cache_stats", &grl::cpu::block_cache_stats, py::arg("reset_peak") = false,
+        "the block cache's counters and bytes (in use, cached, high-water, peak resident)");
   // test-only (tests/test_large_offsets.py): the kernels on task ranges [t0, t1, ...] only, into the
   // caller's contiguous buffers; the backward ones return the per-chunk partials (tau, reversed bias)
   m.def("_stripe_forward_tasks", &grl::cpu::stripe_forward_tasks,

@@ -28,6 +28,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -173,6 +174,12 @@ int isa_level();
 inline bool amx_active() { return isa_level() == 3; }
 std::string cpu_path();
 std::string set_cpu_isa(const std::string& name);
+
+// Block cache of large tensor blocks for inference scopes (grl_cpu_block_cache.cpp; driven by
+// grl_kernels.heap): enter/exit nest; stats are counters and bytes (in use, cached, peaks).
+bool block_cache_enter(int64_t min_bytes, double slack);  // false: another CPU allocator is installed
+void block_cache_exit();
+std::unordered_map<std::string, int64_t> block_cache_stats(bool reset_peak);
 
 // Bias tables reversed along the table (rb[h][k] = bias[h][R - 1 - k]): relative indices
 // of a window row DEcrease along the row, so in the reversed table a row of logits reads

@@ -4,10 +4,11 @@
 no-grad forward (see docs/restore.md for the derivation), with L = B * H_pad * W_pad tokens,
 C = embed_dim, e = bytes per element:
 
-* body, inside a block: the conv_first output, the stage input and the block input stay alive
-  (3 L C) while the attention holds one qkv half (1.5 L C; the halves are computed one after the
-  other) and both halves of its output (L C): 5.5 L C; CAB (GRL-B) holds the attention branch's
-  output and its own conv outputs and product (3.25 L C) on top of the 3 L C; the MLP holds the fc1 output (GELU in place,
+* body, inside a block: the stage input and the block input stay alive (2 L C; conv_first's
+  output is computed again for the long residual instead of kept) while the attention holds one
+  qkv half (1.5 L C; the halves are computed one after the other) and both halves of its
+  output (L C): 4.5 L C; CAB (GRL-B) holds the attention branch's output and its own conv
+  outputs (2.25 L C) on top of the 2 L C; the MLP holds the fc1 output (GELU in place,
   r L C for mlp_ratio r) and fc2's (L C). Residuals are added in place without autograd. The reference backend adds its materialized windows and attention
   maps; the fused backends only small per-call geometry tables.
 * tail: the upsampler. A pixel-shuffle step holds its conv output and the shuffled copy
@@ -82,7 +83,9 @@ def estimate_memory(model, size: Sequence[int], dtype=torch.float32, backend: Op
     C = m.embed_dim
     r = _mlp_ratio(m)
     f = m.anchor_window_down_factor
-    held = 3 * C if sum(len(s.blocks) for s in m.layers) > 1 else 2 * C
+    # the stage input and the block input (conv_first's output is not kept for the long
+    # residual: GRL._body computes it again at the end)
+    held = 2 * C if sum(len(s.blocks) for s in m.layers) > 1 else C
     anchors = 1.5 * C / (f * f)
     if getattr(m.layers[0].blocks[0].attn.qkv, "proj_type", "linear") == "linear":
         attn = held + 2.5 * C + anchors  # one qkv half at a time (1.5C) and both attention outputs (C)
@@ -119,7 +122,7 @@ def estimate_memory(model, size: Sequence[int], dtype=torch.float32, backend: Op
         tail = max(2 * 4 * nf, 2 * 16 * nf, 16 * (nf + cout))
     else:
         tail = 3 * C + 2 * cout
-    tail += 2 * C / (scale * scale) if m.upsampler else 0  # conv_first output and body output, early in the tail
+    tail += C / (scale * scale) if m.upsampler else 0  # the body output, early in the tail
     plan = m.tail_bands(batch, Hp, Wp, _element_size(dtype)) if hasattr(m, "tail_bands") else None
     if plan is not None:  # banded upsampler: the chain's tensors of one band, plus the whole output twice
         band, radius = plan

@@ -226,6 +226,28 @@ def load(kind: str):
     return got
 
 
+_no_prebuilt = set()  # kinds whose prebuilt module was looked for and is missing or stale
+
+
+def loaded_without_building(kind: str):
+    """The module for ``kind`` if it is loaded, or installed prebuilt for these sources (then
+    loaded now); None otherwise. Never starts a just-in-time build (grl_kernels.heap uses it)."""
+    with _lock:
+        got = _cache.get(kind)
+        if got is None:
+            if kind in _no_prebuilt:
+                return None
+            try:
+                got = _prebuilt(_NAMES[kind], kind)
+            except Exception:  # a broken install: leave the reason to load()
+                got = None
+            if got is None:
+                _no_prebuilt.add(kind)
+                return None
+            _cache[kind] = got
+    return None if isinstance(got, Exception) else got
+
+
 def availability(kind: str):
     """(True, "") or (False, reason) -- builds on first use."""
     try:

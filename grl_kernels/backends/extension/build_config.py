@@ -17,7 +17,10 @@ ABI_VERSION = 1  # must equal GRL_ABI_VERSION in csrc/cpu/grl_cpu_binding.cpp an
 CPU_NAME = "_C_cpu"
 CUDA_NAME = "_C_cuda"
 
-CPU_SOURCES = ["csrc/cpu/grl_cpu_binding.cpp", "csrc/cpu/grl_cpu_stripe.cpp", "csrc/cpu/grl_cpu_window.cpp"]
+CPU_SOURCES = [
+    "csrc/cpu/grl_cpu_binding.cpp", "csrc/cpu/grl_cpu_stripe.cpp", "csrc/cpu/grl_cpu_window.cpp",
+    "csrc/cpu/grl_cpu_block_cache.cpp",
+]
 CUDA_SOURCES = ["csrc/cuda/grl_cuda_binding.cpp", "csrc/cuda/grl_stripe.cu", "csrc/cuda/grl_window.cu"]
 INCLUDE_DIRS = ["csrc/include", "csrc/cpu", "csrc/cuda"]
 
