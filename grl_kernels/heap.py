@@ -20,7 +20,8 @@ allocation of the process slower than it would otherwise be.
 
 Large blocks (1 MiB and up): where the compiled CPU extension is loaded or installed prebuilt,
 the scope also opens its block cache (csrc/cpu/grl_cpu_block_cache.cpp), which serves them
-instead of glibc: freed blocks are kept by exact size for reuse, new ones are mapped with their
+instead of glibc: freed blocks are kept for reuse (a request takes a cached block of its size,
+else the smallest cached one of up to twice its size, whole), new ones are mapped with their
 pages filled in one call, and when in-use plus cached bytes would pass the scope's high-water
 mark of bytes in use plus ``BLOCK_CACHE_SLACK`` (10 %), the cached block closest in size is cut
 or grown instead (its resident pages reused) and others are unmapped, least recently freed
@@ -61,7 +62,10 @@ _libc = []  # [CDLL or None], resolved on first use
 # high-water mark of bytes in use by this fraction
 BLOCK_CACHE_MIN_BYTES = 1 << 20
 BLOCK_CACHE_SLACK = 0.1
+# a request may take a cached block of up to this many times its size, whole
+BLOCK_CACHE_MAX_FIT = 2.0
 _block_cache = []  # the extension module of the scope that opened it, while open
+_bounded = [False]  # the outermost open scope's choice
 
 
 def _glibc():
@@ -104,26 +108,40 @@ def block_cache_stats(reset_peak: bool = False) -> dict:
     return dict(mod.block_cache_stats(reset_peak)) if mod is not None else {"installed": 0}
 
 
+def block_cache_available() -> bool:
+    """True where a :func:`heap_cache` scope also opens the block cache (glibc, the compiled CPU
+    extension loaded or installed prebuilt, neither cache disabled by its environment variable)."""
+    return supported() and _block_cache_module() is not None
+
+
 def active() -> bool:
     """True while some thread is inside a :func:`heap_cache` scope that took effect."""
     return _depth > 0
 
 
 @contextlib.contextmanager
-def heap_cache(enabled: bool = True):
-    """Inside the scope, freed blocks stay in the heap for reuse; on exit they go back to the system."""
+def heap_cache(enabled: bool = True, *, bounded: bool = False):
+    """Inside the scope, freed blocks stay in the heap for reuse; on exit they go back to the system.
+
+    ``bounded``: for runs planned on a memory budget (which counts live tensors): only the block
+    cache, its resident bytes held to the high-water mark of blocks in use (no slack, and cached
+    blocks reused for requests of their exact size only, so no block is bigger than its tensor),
+    and glibc's settings left as they are (its heap would add its fragmentation); where the block
+    cache is not available such a scope does nothing. Only the outermost scope's choice counts."""
     global _depth
     lib = _glibc() if enabled and supported() else None
-    if lib is None:
+    mod = _block_cache_module() if lib is not None else None
+    if lib is None or (bounded and mod is None):
         yield
         return
     with _lock:
         _depth += 1
         if _depth == 1:
-            lib.mallopt(_M_MMAP_MAX, 0)
-            lib.mallopt(_M_TRIM_THRESHOLD, _CACHE_TRIM_THRESHOLD)
-            mod = _block_cache_module()
-            if mod is not None and mod.block_cache_enter(BLOCK_CACHE_MIN_BYTES, BLOCK_CACHE_SLACK):
+            _bounded[:] = [bounded]
+            if not bounded:
+                lib.mallopt(_M_MMAP_MAX, 0)
+                lib.mallopt(_M_TRIM_THRESHOLD, _CACHE_TRIM_THRESHOLD)
+            if mod is not None and mod.block_cache_enter(BLOCK_CACHE_MIN_BYTES, *((0.0, 1.0) if bounded else (BLOCK_CACHE_SLACK, BLOCK_CACHE_MAX_FIT))):
                 _block_cache.append(mod)
     try:
         yield
@@ -133,10 +151,11 @@ def heap_cache(enabled: bool = True):
             if _depth == 0:
                 while _block_cache:
                     _block_cache.pop().block_cache_exit()
-                lib.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
-                lib.mallopt(_M_MMAP_THRESHOLD, _exit_thresholds[0])
-                lib.mallopt(_M_TRIM_THRESHOLD, _exit_thresholds[1])
-                lib.malloc_trim(0)
+                if not _bounded[0]:
+                    lib.mallopt(_M_MMAP_MAX, _GLIBC_DEFAULT_MMAP_MAX)
+                    lib.mallopt(_M_MMAP_THRESHOLD, _exit_thresholds[0])
+                    lib.mallopt(_M_TRIM_THRESHOLD, _exit_thresholds[1])
+                    lib.malloc_trim(0)
 
 
 def release_promptly(threshold: int = 128 << 10) -> bool:

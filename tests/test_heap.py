@@ -150,7 +150,10 @@ with heap.heap_cache():
     del a
     out["reuse_faults"] = faults(lambda: touch(64))  # same size: the cached block, no page faults
     s1 = heap.block_cache_stats()
-    b = touch(32)  # another size: 64 cached + 32 new > the 64 MiB high-water mark -> 64 unmapped
+    b = touch(40)  # smaller, but more than half of the cached 64 MiB block: that one, whole
+    s2a = heap.block_cache_stats()
+    del b
+    b = touch(24)  # less than half: 64 cached + 24 new > the 64 MiB high-water mark -> 64 cut to 24
     s2 = heap.block_cache_stats()
     keep = touch(16)  # allocated inside, freed after the scope
     del b
@@ -177,7 +180,7 @@ with heap.heap_cache():  # growing a cached block: only the difference is new
     s6 = heap.block_cache_stats()
     out["grown_ok"] = bool((b == 2.0).all())
     del b
-out.update(s0=s0, s1=s1, s2=s2, s3=s3, s4=s4, s5=s5, s6=s6)
+out.update(s0=s0, s1=s1, s2a=s2a, s2=s2, s3=s3, s4=s4, s5=s5, s6=s6)
 print("RESULT " + json.dumps(out))
 """
 
@@ -209,8 +212,13 @@ def test_block_cache_reuses_bounds_and_gives_back():
     assert s1["installed"] == 1 and s1["depth"] == 1
     assert s1["hits"] == 1 and s1["maps"] == 1, s1  # the second 64 MiB block was the first one
     assert r["reuse_faults"] < 64 * MiB // 4096 // 20, r["reuse_faults"]
-    # the cached 64 MiB block is cut to 32 MiB (its tail unmapped) rather than a new one mapped
-    assert s2["resizes"] == 1 and s2["maps"] == 1 and s2["cached_bytes"] == 0 and s2["in_use_bytes"] == 32 * MiB, s2
+    # a 40 MiB request takes the cached 64 MiB block whole (counted at 64 MiB): no new mapping
+    s2a = r["s2a"]
+    assert s2a["fits"] == 1 and s2a["maps"] == 1 and s2a["resizes"] == 0, s2a
+    assert s2a["cached_bytes"] == 0 and s2a["in_use_bytes"] == 64 * MiB, s2a
+    # a 24 MiB request: the cached 64 MiB block is cut to 24 MiB (its tail unmapped) rather than
+    # a new one mapped
+    assert s2["resizes"] == 1 and s2["maps"] == 1 and s2["cached_bytes"] == 0 and s2["in_use_bytes"] == 24 * MiB, s2
     assert s2["high_water_bytes"] == 64 * MiB and s2["peak_resident_bytes"] == 64 * MiB, s2
     assert s3["peak_resident_bytes"] <= s3["high_water_bytes"], s3
     assert s3["hits"] >= 90, s3  # the threads' 2 MiB blocks come back from the cache

@@ -206,3 +206,55 @@ def test_estimate_memory_matches_process_peak_rss(fixtures_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     ratio = float(r.stdout.strip().splitlines()[-1])
     assert 0.75 <= ratio <= 1.25, ratio
+
+
+_BUDGET_RSS_SCRIPT = r"""
+import json, sys, torch, grl_kernels as G
+from grl_kernels import heap
+from grl_kernels.models import GRL
+from grl_kernels.bench.timing import peak_memory
+from grl_kernels.restore.memory import release_freed_memory_promptly
+assert release_freed_memory_promptly()
+torch.set_num_threads(2)
+d = torch.load(sys.argv[1], weights_only=False)
+m = GRL(**d["kwargs"]).eval()
+m.load_state_dict(d["state_dict"], strict=False)
+m.set_backend("cpu")
+x = torch.rand(3, 256, 256)  # 8 MiB of float32 activations: the model's heap cache would open
+fn = lambda: G.restore(m, x, max_memory=1 << 34)  # a budget: planned on live tensors
+fn()
+heap.block_cache_stats(reset_peak=True)
+rss = min(peak_memory(fn) for _ in range(2))
+print("RESULT " + json.dumps({"rss": rss, "stats": heap.block_cache_stats(), "heap_cache": m.heap_cache}))
+"""
+
+
+def _budget_run(fixtures_dir, env):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(G.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **env)
+    r = subprocess.run([sys.executable, "-c", _BUDGET_RSS_SCRIPT, str(fixtures_dir / "golden_grl_model.pt")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    import json
+
+    return json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+
+
+def test_restore_under_budget_keeps_block_cache_at_live_peak(fixtures_dir):
+    """Under a memory budget, restore keeps the heap cache when its block cache is there, held
+    to the peak of blocks in use (slack 0): the process's peak RSS stays that of prompt release
+    (glibc alone, freed blocks unmapped at once), and large blocks are reused, not faulted in
+    again. Without the block cache, the heap cache is off under a budget."""
+    from grl_kernels.backends.extension import availability
+    from grl_kernels.heap import block_cache_available
+
+    if not (availability("cpu")[0] and block_cache_available()):
+        pytest.skip("the block cache needs glibc and the compiled CPU extension")
+    cached = _budget_run(fixtures_dir, {})
+    prompt = _budget_run(fixtures_dir, {"GRL_KERNELS_BLOCK_CACHE": "0"})
+    st = cached["stats"]
+    assert cached["heap_cache"] and prompt["heap_cache"]  # the model's setting is given back
+    assert st["installed"] == 1 and st["hits"] + st["fits"] > 0, st
+    assert st["peak_resident_bytes"] <= st["high_water_bytes"], st  # slack 0
+    assert prompt["stats"] == {"installed": 0}
+    assert cached["rss"] <= 1.15 * prompt["rss"], (cached["rss"] / 2 ** 20, prompt["rss"] / 2 ** 20, st)

@@ -133,6 +133,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &grl::cpu::set_cpu_isa,
         "force 'baseline', 'avx2', 'avx512bf16' or 'amx' (at most what the CPU has), or 'auto'; returns the level in use");
   m.def("block_cache_enter", &grl::cpu::block_cache_enter, py::arg("min_bytes"), py::arg("slack"),
+        py::arg("max_fit") = 2.0,
         "open an inference scope of the block cache (installs it in front of the CPU allocator on first use)");
   m.def("block_cache_exit", &grl::cpu::block_cache_exit, "close a scope; the last one unmaps the cached blocks");
   m.def("block_cache_stats", &grl::cpu::block_cache_stats, py::arg("reset_peak") = false,

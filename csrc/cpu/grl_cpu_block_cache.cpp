@@ -7,7 +7,11 @@
 // What: an allocator installed in front of PyTorch's CPU allocator (c10::SetCPUAllocator) the
 // first time a scope is entered. While at least one scope is open (enter/exit counts, from
 // grl_kernels.heap), requests of at least `min_bytes` are served here:
-//   * a cached block of the same page-rounded size is reused when there is one;
+//   * a cached block of the same page-rounded size is reused when there is one; else the
+//     smallest cached block of up to `max_fit` times the size (2 in grl_kernels.heap; 1, exact
+//     sizes only, in scopes bounded by a memory budget) is handed over whole, counted at its own
+//     size: cutting it to fit and growing it back later would fault its tail in again, and the
+//     activations of one forward come in a few sizes, 4-16 MiB on GRL-T, used in turn;
 //   * else, when (bytes in use + bytes cached + the request) stays within the bound, the scope's
 //     high-water mark of bytes in use times (1 + slack), a new block is mapped with MAP_POPULATE
 //     (its pages filled in one kernel call, no fault per page);
@@ -69,11 +73,12 @@ class BlockCache final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
-  void enter(size_t min_bytes, double slack) {
+  void enter(size_t min_bytes, double slack, double max_fit) {
     std::lock_guard<std::mutex> g(mu_);
     if (depth_.load() == 0) {
       min_bytes_.store(std::max<size_t>(min_bytes, page()), std::memory_order_relaxed);
       slack_ = slack;
+      max_fit_ = max_fit;
       hwm_ = in_use_;
     }
     depth_.fetch_add(1, std::memory_order_acq_rel);
@@ -89,14 +94,14 @@ class BlockCache final : public c10::Allocator {
     std::lock_guard<std::mutex> g(mu_);
     return {{"depth", depth_.load()}, {"in_use_bytes", (int64_t)in_use_}, {"cached_bytes", (int64_t)cached_},
             {"high_water_bytes", (int64_t)hwm_}, {"peak_resident_bytes", (int64_t)peak_resident_},
-            {"hits", hits_}, {"maps", maps_}, {"unmaps", unmaps_}, {"resizes", resizes_}, {"mapped_bytes", mapped_bytes_},
+            {"hits", hits_}, {"fits", fits_}, {"maps", maps_}, {"unmaps", unmaps_}, {"resizes", resizes_}, {"mapped_bytes", mapped_bytes_},
             {"min_bytes", (int64_t)min_bytes_.load()}};
   }
 
   void reset_peak() {
     std::lock_guard<std::mutex> g(mu_);
     peak_resident_ = in_use_ + cached_;
-    hits_ = maps_ = unmaps_ = resizes_ = mapped_bytes_ = 0;
+    hits_ = fits_ = maps_ = unmaps_ = resizes_ = mapped_bytes_ = 0;
   }
 
   static BlockCache* instance;
@@ -125,15 +130,20 @@ class BlockCache final : public c10::Allocator {
 
   void* take(size_t size) {
     std::lock_guard<std::mutex> g(mu_);
-    for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {  // the most recently freed of this size
-      if (it->size == size) {
-        void* p = it->ptr;
-        lru_.erase(std::next(it).base());
-        cached_ -= size;
-        note_in_use(p, size);
-        ++hits_;
-        return p;
-      }
+    // the most recently freed block of this size, else the smallest of up to max_fit x the size
+    const double most = max_fit_ * static_cast<double>(size);
+    auto fit = lru_.end();
+    for (auto it = lru_.begin(); it != lru_.end(); ++it) {
+      if (it->size < size || static_cast<double>(it->size) > most) continue;
+      if (fit == lru_.end() || it->size <= fit->size) fit = it;
+    }
+    if (fit != lru_.end()) {
+      CachedBlock b = *fit;
+      lru_.erase(fit);
+      cached_ -= b.size;
+      note_in_use(b.ptr, b.size);
+      ++(b.size == size ? hits_ : fits_);
+      return b.ptr;
     }
     hwm_ = std::max(hwm_, in_use_ + size);
     if (!lru_.empty() && in_use_ + cached_ + size > bound()) {
@@ -215,11 +225,12 @@ class BlockCache final : public c10::Allocator {
   std::atomic<int> depth_{0};
   std::atomic<size_t> min_bytes_{1 << 20};
   double slack_ = 0.0;
+  double max_fit_ = 1.0;
   std::list<CachedBlock> lru_;             // cached blocks, least recently freed first
   std::unordered_map<void*, size_t> live_;  // blocks in use -> size
   std::atomic<size_t> n_live_{0};           // live_.size(), read without the lock by release()
   size_t in_use_ = 0, cached_ = 0, hwm_ = 0, peak_resident_ = 0;
-  int64_t hits_ = 0, maps_ = 0, unmaps_ = 0, resizes_ = 0, mapped_bytes_ = 0;
+  int64_t hits_ = 0, fits_ = 0, maps_ = 0, unmaps_ = 0, resizes_ = 0, mapped_bytes_ = 0;
 };
 
 BlockCache* BlockCache::instance = nullptr;
@@ -241,12 +252,13 @@ BlockCache* installed() {
 
 }  // namespace
 
-bool block_cache_enter(int64_t min_bytes, double slack) {
+bool block_cache_enter(int64_t min_bytes, double slack, double max_fit) {
   TORCH_CHECK(min_bytes > 0, "block_cache_enter: min_bytes must be positive, got ", min_bytes);
   TORCH_CHECK(slack >= 0.0, "block_cache_enter: slack must be >= 0, got ", slack);
+  TORCH_CHECK(max_fit >= 1.0, "block_cache_enter: max_fit must be >= 1, got ", max_fit);
   BlockCache* c = installed();
   if (!c) return false;
-  c->enter(static_cast<size_t>(min_bytes), slack);
+  c->enter(static_cast<size_t>(min_bytes), slack, max_fit);
   return true;
 }
 

@@ -177,7 +177,8 @@ std::string set_cpu_isa(const std::string& name);
 
 // Block cache of large tensor blocks for inference scopes (grl_cpu_block_cache.cpp; driven by
 // grl_kernels.heap): enter/exit nest; stats are counters and bytes (in use, cached, peaks).
-bool block_cache_enter(int64_t min_bytes, double slack);  // false: another CPU allocator is installed
+// max_fit: a request may take a cached block up to this many times its size, whole (>= 1)
+bool block_cache_enter(int64_t min_bytes, double slack, double max_fit);  // false: another CPU allocator is installed
 void block_cache_exit();
 std::unordered_map<std::string, int64_t> block_cache_stats(bool reset_peak);
 

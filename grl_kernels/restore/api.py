@@ -6,7 +6,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..heap import heap_cache
+from ..heap import block_cache_available, heap_cache
 from .memory import auto_tile, is_out_of_memory
 from .tiling import model_geometry, round_tile, run_tiled, tile_count
 
@@ -74,13 +74,18 @@ def restore(model, image: torch.Tensor, *, tile: Union[None, int, str] = None, o
         return model(inp)
 
     # the heap cache (grl_kernels.heap) spans all tiles, so that blocks freed by one tile are
-    # reused by the next; under tile="auto" it is off, as the budget counts live tensors only
+    # reused by the next. A memory budget counts live tensors: under one only its block cache
+    # runs, held to the peak of blocks in use (glibc's heap would add its fragmentation), and the
+    # model's own cache is off where the block cache is not available
     m = getattr(model, "_orig_mod", model)
     cache = getattr(m, "heap_cache", None)
-    if tile == "auto" and cache is not None:
+    budgeted = tile == "auto" or max_memory is not None
+    on_cpu = device.type == "cpu"
+    if budgeted and cache is not None and not (on_cpu and block_cache_available()):
         m.heap_cache = False
     try:
-        with heap_cache(enabled=bool(getattr(m, "heap_cache", False)) and device.type == "cpu"):
+        with heap_cache(enabled=bool(getattr(m, "heap_cache", False)) and on_cpu,
+                        bounded=budgeted):
             while True:
                 try:
                     with torch.no_grad():

@@ -201,10 +201,6 @@ def cmd_restore(args) -> int:
     run_dtype = next(getattr(model, "_orig_mod", model).parameters()).dtype
     if budget is None and tile == "auto":
         budget = default_budget(device)
-    if budget is not None:
-        # a memory budget is planned on the peak of live tensors: no heap cache (grl_kernels.heap),
-        # whose fragmentation would add 10-30 % to the process's peak (it saves page faults instead)
-        getattr(model, "_orig_mod", model).heap_cache = False
     _, scale, cin, _ = model_geometry(model)
 
     # plan: tile counts of every image from its header (no decoding)
