@@ -713,6 +713,80 @@ static GRL_INLINE void add_region_mask(float* row, const int* ids, int id, int64
 }
 #endif
 
+#if GRL_ISA_LEVEL >= 2
+// ---- bfloat16 rows straight into the bf16 product tiles (no float round trip)
+
+// dst[j * ldd + c] = src row j (base + pos[j] * sl, channel stride 1), c < d, raw bits; with
+// ss, ss[j] = its float32 sum of squares in inv_norm's lane order (one 16-lane FMA chain,
+// then the tree reduce). Rows are prefetched kPrefetch ahead (scattered over the image).
+static GRL_INLINE void gather_bf16_rows(const uint16_t* base, const int64_t* pos, int64_t n, int64_t sl, int64_t d,
+                                        uint16_t* __restrict dst, int64_t ldd, float* __restrict ss) {
+  for (int64_t j = 0; j < std::min(kPrefetch, n); ++j) prefetch_row(base + pos[j] * sl, d, 1);
+  for (int64_t j = 0; j < n; ++j) {
+    if (j + kPrefetch < n) prefetch_row(base + pos[j + kPrefetch] * sl, d, 1);
+    const uint16_t* src = base + pos[j] * sl;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; c += 16) {
+      const __mmask16 m = tail_mask16(d - c);
+      const __m256i raw = _mm256_maskz_loadu_epi16(m, src + c);
+      _mm256_mask_storeu_epi16(dst + j * ldd + c, m, raw);
+      const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      acc = _mm512_fmadd_ps(f, f, acc);
+    }
+    if (ss) ss[j] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+// x[j] = 1 / max(sqrt(x[j]), eps) for j < n (sums of squares in, inv_norm's value out)
+static GRL_INLINE void inv_norms_from_sumsq(float* x, int64_t n) {
+  const __m512 eps = _mm512_set1_ps(static_cast<float>(kNormEps)), one = _mm512_set1_ps(1.0f);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask16(n - j);
+    const __m512 r = _mm512_sqrt_ps(_mm512_maskz_loadu_ps(m, x + j));
+    // NaN compares false: eps, as inv_norm's (r > eps ? r : eps)
+    _mm512_mask_storeu_ps(x + j, m, _mm512_div_ps(one, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(r, eps, _CMP_GT_OQ), eps, r)));
+  }
+}
+
+// The B operand "rows^T" (K = channels, N = tokens) of n token rows (ld ldr, K pairs of
+// channels as 32-bit elements, dk / 2 of them): B[((c / 2) ldb + j) 2 + c % 2] = rows[j ldr + c],
+// a 32-bit transpose by 16-lane gathers from the (L1-resident) rows.
+static GRL_INLINE void bf16_rows_to_kn_pairs(const uint16_t* rows, int64_t n, int64_t ldr, int64_t dk, uint16_t* B,
+                                             int64_t ldb) {
+  const int32_t* r32 = reinterpret_cast<const int32_t*>(rows);
+  int32_t* b32 = reinterpret_cast<int32_t*>(B);
+  const int64_t pairs = dk / 2, ld32 = ldr / 2;
+  const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = tail_mask16(n - j);
+    __m512i idx = _mm512_mullo_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(j))),
+                                     _mm512_set1_epi32(static_cast<int>(ld32)));
+    for (int64_t p = 0; p < pairs; ++p, idx = _mm512_add_epi32(idx, _mm512_set1_epi32(1)))
+      _mm512_mask_storeu_epi32(b32 + p * ldb + j, m, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, r32, 4));
+  }
+}
+
+// The B operand "rows" (K = tokens, N = channels) of n token rows (ld ldr, d channels): pairs
+// of rows interleaved, B[((j / 2) ldb + c) 2 + j % 2] = rows[j ldr + c], for c < pad16(d) <= ldb
+// (rows' entries d .. pad16(d) - 1 must be zero: they fill B's pad columns); an odd last row
+// pairs with zeros.
+static GRL_INLINE void bf16_rows_to_nk_pairs(const uint16_t* rows, int64_t n, int64_t ldr, int64_t d, uint16_t* B,
+                                             int64_t ldb) {
+  alignas(64) static const uint16_t kPairIdx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                    8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(kPairIdx);
+  for (int64_t j = 0; j < n; j += 2) {
+    const uint16_t* a = rows + j * ldr;
+    for (int64_t c = 0; c < d; c += 16) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + c));
+      const __m256i y = j + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + ldr + c)) : _mm256_setzero_si256();
+      _mm512_storeu_si512(B + ((j >> 1) * ldb + c) * 2,
+                          _mm512_permutex2var_epi16(_mm512_castsi256_si512(x), idx, _mm512_castsi256_si512(y)));
+    }
+  }
+}
+#endif
+
 // A contiguous run of bias-table entries: `len` consecutive logits starting at column `j0`
 // of a row read bias[off + 0 .. off + len - 1] of a REVERSED table (see grl_cpu_common.h).
 struct BiasRun {

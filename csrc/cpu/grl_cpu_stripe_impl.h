@@ -197,6 +197,11 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
   std::vector<acc_t> vB(kBlock * dp, acc_t(0)), S(n2 * kBlock), S2(kBlock * n2p), Z(n2 * dp, acc_t(0)), Yb(kBlock * dp), m(n2, neg_inf<acc_t>()),
       l(n2, acc_t(0)), xn(kBlock);
   T kt[kMaxStackD];
+  // bfloat16 inputs on bf16 tiles with channel stride 1: token rows copied raw (kT: k token-major)
+  constexpr bool kBf16Tiles = std::is_same<T, uint16_t>::value && std::is_same<scalar_t, c10::BFloat16>::value;
+  const bool raw_bf16 = kBf16Tiles && A.vq.sc == 1;
+  std::vector<T> kT(raw_bf16 ? kBlock * dk : 0, T(0));
+  const uint16_t* qkv16 = reinterpret_cast<const uint16_t*>(A.qkv) + b * A.vq.sb + h * d;
   for (int64_t i = 0; i < n2; ++i)
     for (int64_t c = 0; c < d; ++c) {
       const T v = Lay::from(AT.ahat[i * dp + c]);
@@ -208,11 +213,24 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
   for (int64_t jb = 0; jb < n1; jb += kBlock) {
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
-    gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
-      xn[jj] = inv_norm(r, d);  // raw k in the tile, 1 / |k| applied to the dot products
-      to_tile_row(r, kt, d);
-      for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = kt[c];
-    });
+    bool raw_done = false;
+#if GRL_ISA_LEVEL >= 2
+    if constexpr (kBf16Tiles) {
+      if (raw_bf16) {  // raw rows token-major, then into the B layout; 1 / |k| from sums of squares
+        gather_bf16_rows(qkv16 + A.C, TB.pos.data(), nb, A.vq.sl, d, kT.data(), dk, xn.data());
+        inv_norms_from_sumsq(xn.data(), nb);
+        bf16_rows_to_kn_pairs(kT.data(), nb, dk, dk, kB.data(), kBlock);
+        raw_done = true;
+      }
+    }
+#endif
+    if (!raw_done) {
+      gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
+        xn[jj] = inv_norm(r, d);  // raw k in the tile, 1 / |k| applied to the dot products
+        to_tile_row(r, kt, d);
+        for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = kt[c];
+      });
+    }
     gather_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
       for (int64_t c = 0; c < d; ++c) vB[jj * dp + c] = r[c];
     });
@@ -248,10 +266,22 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
   for (int64_t jb = 0; jb < n1; jb += kBlock) {
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
-    gather_tokens(A, TB, b, h, 0, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
-      xn[jj] = inv_norm(r, d);
-      to_tile_row(r, qA.data() + jj * dk, d);
-    });
+    bool raw_done = false;
+#if GRL_ISA_LEVEL >= 2
+    if constexpr (kBf16Tiles) {
+      if (raw_bf16) {
+        gather_bf16_rows(qkv16, TB.pos.data(), nb, A.vq.sl, d, qA.data(), dk, xn.data());
+        inv_norms_from_sumsq(xn.data(), nb);
+        raw_done = true;
+      }
+    }
+#endif
+    if (!raw_done) {
+      gather_tokens(A, TB, b, h, 0, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
+        xn[jj] = inv_norm(r, d);
+        to_tile_row(r, qA.data() + jj * dk, d);
+      });
+    }
     for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(out + (b * g.H * g.W + TB.pos[jj]) * A.C + h * d, d);
     gemm_op<T, acc_t>(nb, n2p, d, qA.data(), dk, aB.data(), n2p, S2.data(), n2p, false);  // cos
     for (int64_t jj = 0; jj < nb; ++jj) {

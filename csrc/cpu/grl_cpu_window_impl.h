@@ -24,13 +24,21 @@ constexpr int64_t kQueryBlock = 32;  // query rows per block of window attention
 // rolled grid (no divisions); qoff[j] - (y2 * side + x2) is the bias row of (j, (y2, x2)).
 // masked: the window spans more than one region of the shifted image (only those windows
 // get the -100 mask); rid is padded to a multiple of 16 entries (vector loads).
+// assign() refills it for another window (the forward keeps one per task range: its tasks
+// run the heads of a window one after the other).
 struct WindowIndex {
   std::vector<int64_t> pos, qoff;
   std::vector<int> rid;
   bool masked = false;
-  WindowIndex(const WindowGeom& g, int64_t win) : pos(g.n), qoff(g.n), rid((g.n + 15) / 16 * 16, 0) {
+  int64_t win = -1;
+  explicit WindowIndex(const WindowGeom& g) : pos(g.n), qoff(g.n), rid((g.n + 15) / 16 * 16, 0) {}
+  WindowIndex(const WindowGeom& g, int64_t w) : WindowIndex(g) { assign(g, w); }
+  void assign(const WindowGeom& g, int64_t w) {
+    if (w == win) return;
+    win = w;
+    masked = false;
     const int64_t side = g.table_side;
-    const int64_t r0 = win / g.windows_w * g.ws, c0 = win % g.windows_w * g.ws;
+    const int64_t r0 = w / g.windows_w * g.ws, c0 = w % g.windows_w * g.ws;
     for (int64_t j = 0, y = 0, x = 0; j < g.n; ++j) {
       pos[j] = window_token_position_rc(g, r0 + y, c0 + x);
       qoff[j] = (y + g.ws - 1) * side + (x + g.ws - 1);
@@ -109,6 +117,79 @@ GRL_INLINE void window_logits_row(const WindowArgs<scalar_t, acc_t>& A, const Wi
   window_logits(A.g, I, i, s, rb, row, colscale);
 }
 
+#if GRL_ISA_LEVEL >= 2
+// window_logits_row and softmax_to for R rows at once, each of n = 16 NV keys held in NV
+// registers (with the bias matrix, n <= 64: window 8): per row the same operations in the
+// same order as those two (so the same logits and sums), without storing the logits and
+// loading them back twice, and R rows' independent dependency chains (two tree reductions,
+// the exp polynomial, a division per row) interleaved. Row r: bias bm + r ld, dots + r ld,
+// scale s[r], region id ids[r]; probabilities to out + r ldo, float32 or bf16 (vcvtneps2bf16:
+// round to nearest even; probabilities below 2^-126 go to 0).
+template <int NV, int R, typename U>
+GRL_INLINE void window_softmax_rows_regs(const float* bm, const float* dots, int64_t ld, const int* rid,
+                                         const int* ids, bool masked, const float* s, const float* colscale, U* out,
+                                         int64_t ldo) {
+  const __m512 mv = _mm512_set1_ps(kMaskValue);
+  __m512 x[R][NV], cs[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) cs[v] = _mm512_loadu_ps(colscale + 16 * v);
+  __m512 mx[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 sv = _mm512_set1_ps(s[r]);
+    const __m512i ri = _mm512_set1_epi32(ids[r]);
+    mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512 sc = _mm512_mul_ps(sv, cs[v]);
+      x[r][v] = _mm512_fmadd_ps(sc, _mm512_loadu_ps(dots + r * ld + 16 * v), _mm512_loadu_ps(bm + r * ld + 16 * v));
+      if (masked) {
+        const __mmask16 other = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(rid + 16 * v), ri);
+        x[r][v] = _mm512_mask_add_ps(x[r][v], other, x[r][v], mv);
+      }
+      mx[r] = _mm512_max_ps(x[r][v], mx[r]);  // row_max's order: a NaN x keeps the max
+    }
+  }
+  __m512 sum[R];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
+    sum[r] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      x[r][v] = exp_fast16(_mm512_sub_ps(x[r][v], m));
+      sum[r] = _mm512_add_ps(sum[r], x[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[r]));
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512 p = _mm512_mul_ps(x[r][v], inv);
+      if constexpr (std::is_same<U, float>::value) {
+        _mm512_storeu_ps(out + r * ldo + 16 * v, p);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
+      }
+    }
+  }
+}
+
+// The rows of a query block through window_softmax_rows_regs, R at a time (NV = n / 16).
+template <int NV, typename U>
+GRL_INLINE void window_softmax_block_regs(const float* bm, const float* dots, int64_t ld, int64_t mb, const int* rid,
+                                          const int* ids, bool masked, const float* s, const float* colscale, U* out,
+                                          int64_t ldo) {
+  constexpr int R = NV <= 2 ? 4 : 2;
+  int64_t r = 0;
+  for (; r + R <= mb; r += R)
+    window_softmax_rows_regs<NV, R>(bm + r * ld, dots + r * ld, ld, rid, ids + r, masked, s + r, colscale, out + r * ldo, ldo);
+  for (; r < mb; ++r)
+    window_softmax_rows_regs<NV, 1>(bm + r * ld, dots + r * ld, ld, rid, ids + r, masked, s + r, colscale, out + r * ldo, ldo);
+}
+#endif
+
 template <typename acc_t>
 GRL_INLINE void softmax_row_inplace(acc_t* row, int64_t n) {
   const acc_t sum = exp_shift_sum(row, n, row_max(row, n));
@@ -116,45 +197,107 @@ GRL_INLINE void softmax_row_inplace(acc_t* row, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] *= inv;
 }
 
+// Per task range scratch of the forward: the product tiles (zero pads written once: every
+// task of a range writes the same data entries), the inverse norms, one query block's logits
+// and outputs, and the index of the current window.
 template <typename scalar_t, typename acc_t>
-void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, scalar_t* out) {
+struct WindowForwardScratch {
+  using T = typename OpType<scalar_t, acc_t>::T;
+  static constexpr bool kInPlace = std::is_same<T, acc_t>::value;
+  int64_t n, d, dp, dk, np, nk, MB;
+  std::vector<T> qA, kB, vB, kT, vT, P;  // kT, vT: token-major raw k, v (bf16 tiles)
+  std::vector<acc_t> qinv, kinv, S, Y;
+  WindowIndex I;
+  explicit WindowForwardScratch(const WindowArgs<scalar_t, acc_t>& A)
+      : n(A.g.n), d(A.d), dp(pad16(d)), dk(kpad<T>(d)), np(pad16(n)), nk(kpad<T>(n)), MB(std::min(kQueryBlock, n)),
+        qA(n * dk, T(0)), kB(dk * np, T(0)), vB(nk * dp, T(0)), kT(std::is_same<T, uint16_t>::value ? n * dk : 0, T(0)),
+        vT(std::is_same<T, uint16_t>::value ? n * dp : 0, T(0)),
+        P(kInPlace ? 0 : MB * nk, T(0)), qinv(pad16(n), acc_t(0)), kinv(np, acc_t(0)), S(MB * np), Y(MB * dp), I(A.g) {}
+};
+
+template <typename scalar_t, typename acc_t>
+void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, scalar_t* out,
+                         WindowForwardScratch<scalar_t, acc_t>& W) {
   using T = typename OpType<scalar_t, acc_t>::T;
   using Lay = OpLayout<T>;
   constexpr bool kInPlace = std::is_same<T, acc_t>::value;
   const WindowGeom& g = A.g;
-  const int64_t n = g.n, d = A.d, dp = pad16(d), dk = kpad<T>(d), np = pad16(n), nk = kpad<T>(n);
+  const int64_t n = g.n, d = A.d, dp = W.dp, dk = W.dk, np = W.np, nk = W.nk;
   const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
-  const WindowIndex I(g, win);
-  // contiguous tiles: q_hat rows (A), k_hat^T (B, K = d, N = n), v (B, K = n, N = d)
-  // RAW rows (bfloat16 stays exact); the dot products are scaled by 1 / (|q| |k|) in float32
-  std::vector<T> qA(n * dk, T(0)), kB(dk * np, T(0)), vB(nk * dp, T(0));
-  std::vector<acc_t> qinv(n), kinv(np, acc_t(0));
-  T qb[kMaxStackD + 2], kb[kMaxStackD + 2], vb[kMaxStackD + 2];
-  gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
-    qinv[j] = inv_norm(q, d);
-    kinv[j] = inv_norm(k, d);
-    to_tile_row(q, qb, d), to_tile_row(k, kb, d), to_tile_row(v, vb, d);
-    std::memcpy(qA.data() + j * dk, qb, d * sizeof(T));
-    for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, j, np)] = kb[c], vB[Lay::bidx(j, c, dp)] = vb[c];
-  });
-  const int64_t MB = std::min(kQueryBlock, n);
-  std::vector<acc_t> S(MB * np), Y(MB * dp);
-  std::vector<T> P(kInPlace ? 0 : MB * nk, T(0));
+  W.I.assign(g, win);
+  const WindowIndex& I = W.I;
+  // contiguous tiles: q rows (A), k^T (B, K = d, N = n), v (B, K = n, N = d), RAW (bfloat16
+  // stays exact); the dot products are scaled by 1 / (|q| |k|) in float32
+  T *qA = W.qA.data(), *kB = W.kB.data(), *vB = W.vB.data();
+  acc_t *qinv = W.qinv.data(), *kinv = W.kinv.data();
+  bool gathered = false;
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<T, uint16_t>::value && std::is_same<scalar_t, c10::BFloat16>::value) {
+    if (A.vq.sc == 1) {
+      // raw rows: q into its tile, k and v token-major into kT, vT, then into their B layouts;
+      // the inverse norms from float32 sums of squares
+      const uint16_t* base = reinterpret_cast<const uint16_t*>(A.qkv) + b * A.vq.sb + h * d;
+      gather_bf16_rows(base, I.pos.data(), n, A.vq.sl, d, qA, dk, qinv);
+      gather_bf16_rows(base + A.C, I.pos.data(), n, A.vq.sl, d, W.kT.data(), dk, kinv);
+      gather_bf16_rows(base + 2 * A.C, I.pos.data(), n, A.vq.sl, d, W.vT.data(), dp, nullptr);
+      inv_norms_from_sumsq(qinv, n);
+      inv_norms_from_sumsq(kinv, n);
+      bf16_rows_to_kn_pairs(W.kT.data(), n, dk, dk, kB, np);
+      bf16_rows_to_nk_pairs(W.vT.data(), n, dp, d, vB, dp);
+      gathered = true;
+    }
+  }
+#endif
+  if (!gathered) {
+    T qb[kMaxStackD + 2], kb[kMaxStackD + 2], vb[kMaxStackD + 2];
+    gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
+      qinv[j] = inv_norm(q, d);
+      kinv[j] = inv_norm(k, d);
+      to_tile_row(q, qb, d), to_tile_row(k, kb, d), to_tile_row(v, vb, d);
+      std::memcpy(qA + j * dk, qb, d * sizeof(T));
+      for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, j, np)] = kb[c], vB[Lay::bidx(j, c, dp)] = vb[c];
+    });
+  }
+  const int64_t MB = W.MB;
+  acc_t *S = W.S.data(), *Y = W.Y.data();
   const acc_t tau = A.tau[h];
   const acc_t* rb = A.rbias + h * g.table_rows;
   for (int64_t i0 = 0; i0 < n; i0 += MB) {
     const int64_t mb = std::min(MB, n - i0);
     for (int64_t r = 0; r < mb; ++r) prefetch_row_for_write(out + (b * g.H * g.W + I.pos[i0 + r]) * A.C + h * d, d);
-    gemm_op<T, acc_t>(mb, np, d, qA.data() + i0 * dk, dk, kB.data(), np, S.data(), np, false);  // cos
-    for (int64_t r = 0; r < mb; ++r) {
-      acc_t* row = S.data() + r * np;
-      window_logits_row(A, I, h, i0 + r, tau * qinv[i0 + r], rb, row, kinv.data());
-      T* pr = kInPlace ? reinterpret_cast<T*>(row) : P.data() + r * nk;
-      softmax_to(row, n, pr, [](acc_t x) { return Lay::from(x); });
+    gemm_op<T, acc_t>(mb, np, d, qA + i0 * dk, dk, kB, np, S, np, false);  // cos
+    bool fused = false;
+#if GRL_ISA_LEVEL >= 2
+    if constexpr (std::is_same<acc_t, float>::value) {
+      const int nv = static_cast<int>(n / 16);
+      if (A.bmat && n % 16 == 0 && nv <= 4) {
+        float sc[kQueryBlock];
+        for (int64_t r = 0; r < mb; ++r) sc[r] = tau * qinv[i0 + r];
+        const float* bm = A.bmat + (h * n + i0) * np;
+        const int* ids = I.rid.data() + i0;
+        T* pr = kInPlace ? reinterpret_cast<T*>(S) : W.P.data();
+        const int64_t ldo = kInPlace ? np : nk;
+        switch (nv) {
+          case 1: window_softmax_block_regs<1>(bm, S, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
+          case 2: window_softmax_block_regs<2>(bm, S, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
+          case 3: window_softmax_block_regs<3>(bm, S, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
+          default: window_softmax_block_regs<4>(bm, S, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
+        }
+        fused = true;
+      }
     }
-    const T* Pm = kInPlace ? reinterpret_cast<const T*>(S.data()) : P.data();
-    gemm_op<T, acc_t>(mb, dp, n, Pm, kInPlace ? np : nk, vB.data(), dp, Y.data(), dp, false);  // P v
-    for (int64_t r = 0; r < mb; ++r) store_row(out + (b * g.H * g.W + I.pos[i0 + r]) * A.C + h * d, Y.data() + r * dp, d);
+#endif
+    if (!fused) {
+      for (int64_t r = 0; r < mb; ++r) {
+        acc_t* row = S + r * np;
+        window_logits_row(A, I, h, i0 + r, tau * qinv[i0 + r], rb, row, kinv);
+        T* pr = kInPlace ? reinterpret_cast<T*>(row) : W.P.data() + r * nk;
+        softmax_to(row, n, pr, [](acc_t x) { return Lay::from(x); });
+      }
+    }
+    const T* Pm = kInPlace ? reinterpret_cast<const T*>(S) : W.P.data();
+    gemm_op<T, acc_t>(mb, dp, n, Pm, kInPlace ? np : nk, vB, dp, Y, dp, false);  // P v
+    for (int64_t r = 0; r < mb; ++r) store_row(out + (b * g.H * g.W + I.pos[i0 + r]) * A.C + h * d, Y + r * dp, d);
   }
 }
 
@@ -367,7 +510,9 @@ void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, co
 
 template <typename scalar_t, typename acc_t>
 void window_forward_range(const WindowArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, scalar_t* out) {
-  for (int64_t t = t0; t < t1; ++t) window_forward_task(A, t, out);
+  if (t0 >= t1) return;
+  WindowForwardScratch<scalar_t, acc_t> W(A);
+  for (int64_t t = t0; t < t1; ++t) window_forward_task(A, t, out, W);
 }
 
 template <typename scalar_t, typename acc_t>
