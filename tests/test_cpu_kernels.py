@@ -48,6 +48,9 @@ STRIPE_CASES = {
     "groups-1-zero-shift": (16, 16, (None, None), (1, 2), True, 2, 1, 4),  # shift_h = 0 while shifted
     "nonsquare-d30": (24, 40, (8, 8), (None, None), True, 2, 3, 30),
     "f1-unshifted": (8, 12, (4, 4), (None, None), False, 1, 2, 4),
+    # GRL-T/S's horizontal stripes at f 4: anchor rows of 16 (the stage-2 bias read as whole
+    # 16-wide runs, n2 32) over 8 blocks of 64 tokens
+    "rows-of-16-anchors": (16, 64, (8, 64), (None, None), True, 4, 2, 16),
     # more tokens per window than one block of 64, blocks starting mid-row (the kernels walk
     # windows row by row and stream stage 1 over blocks with an online softmax):
     "multiblock-shifted": (24, 36, (12, 12), (None, None), True, 2, 2, 8),  # n1 144: blocks at (5, 4), (10, 8)
@@ -183,6 +186,7 @@ def _bf16_out_tol(ref_bf16_out, ref32_out):
 STRIPE_BF16_CASES = {
     "H-groups-shifted": STRIPE_CASES["H-groups-shifted"],
     "nonsquare-d30": STRIPE_CASES["nonsquare-d30"],
+    "rows-of-16-anchors": STRIPE_CASES["rows-of-16-anchors"],
     "odd-blocks-d15": (36, 36, (9, 9), (None, None), False, 3, 2, 15),  # n1 81, n2 9
     "multiblock-d5-shifted": (40, 40, (20, 20), (None, None), True, 4, 3, 5),  # n1 400, n2 25
     "multiblock-d5-unshifted": (40, 40, (20, 20), (None, None), False, 4, 3, 5),

@@ -787,6 +787,80 @@ static GRL_INLINE void bf16_rows_to_nk_pairs(const uint16_t* rows, int64_t n, in
 }
 #endif
 
+#if GRL_ISA_LEVEL >= 2
+// Logits and exact softmax of R rows at once, each of 16 NV keys held in NV registers: row r's
+// logits x = s[r] colscale dots_r + bias(r, v) (+ the -100 mask where key_ids != row_ids[r]),
+// then softmax_to's steps: the same operations in the same order as the separate logit
+// functions (bias_run, bias_gather, window_logits_row) and softmax_to, so the same sums, without
+// storing the logits and loading them back twice, and R rows' independent dependency chains (two
+// tree reductions, the exp polynomial, a division per row) interleaved. Probabilities to
+// out + r ldo, float32 or bf16 (vcvtneps2bf16: round to nearest even; below 2^-126 they go to 0).
+template <int NV, int R, typename U, typename Bias>
+static GRL_INLINE void softmax_rows_regs(const Bias& bias, const float* dots, int64_t ld, const int* key_ids,
+                                         const int* row_ids, bool masked, const float* s, const float* colscale, U* out,
+                                         int64_t ldo) {
+  const __m512 mv = _mm512_set1_ps(kMaskValue);
+  __m512 x[R][NV], cs[NV], mx[R], sum[R];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) cs[v] = _mm512_loadu_ps(colscale + 16 * v);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 sv = _mm512_set1_ps(s[r]);
+    const __m512i ri = _mm512_set1_epi32(row_ids[r]);
+    mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      x[r][v] = _mm512_fmadd_ps(_mm512_mul_ps(sv, cs[v]), _mm512_loadu_ps(dots + r * ld + 16 * v), bias(r, v));
+      if (masked) {
+        const __mmask16 other = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(key_ids + 16 * v), ri);
+        x[r][v] = _mm512_mask_add_ps(x[r][v], other, x[r][v], mv);
+      }
+      mx[r] = _mm512_max_ps(x[r][v], mx[r]);  // row_max's order: a NaN x keeps the max
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
+    sum[r] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      x[r][v] = exp_fast16(_mm512_sub_ps(x[r][v], m));
+      sum[r] = _mm512_add_ps(sum[r], x[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[r]));
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const __m512 p = _mm512_mul_ps(x[r][v], inv);
+      if constexpr (std::is_same<U, float>::value) {
+        _mm512_storeu_ps(out + r * ldo + 16 * v, p);
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
+      }
+    }
+  }
+}
+
+// mb rows through softmax_rows_regs, R at a time (more rows in flight for shorter rows).
+template <int NV, typename U, typename Bias>
+static GRL_INLINE void softmax_block_regs(const Bias& bias, const float* dots, int64_t ld, int64_t mb,
+                                          const int* key_ids, const int* row_ids, bool masked, const float* s,
+                                          const float* colscale, U* out, int64_t ldo) {
+  constexpr int R = NV <= 2 ? 4 : 2;
+  int64_t r = 0;
+  for (; r + R <= mb; r += R) {
+    auto b = [&bias, r](int64_t rr, int v) { return bias(r + rr, v); };
+    softmax_rows_regs<NV, R>(b, dots + r * ld, ld, key_ids, row_ids + r, masked, s + r, colscale, out + r * ldo, ldo);
+  }
+  for (; r < mb; ++r) {
+    auto b = [&bias, r](int64_t rr, int v) { return bias(r + rr, v); };
+    softmax_rows_regs<NV, 1>(b, dots + r * ld, ld, key_ids, row_ids + r, masked, s + r, colscale, out + r * ldo, ldo);
+  }
+}
+#endif
+
 // A contiguous run of bias-table entries: `len` consecutive logits starting at column `j0`
 // of a row read bias[off + 0 .. off + len - 1] of a REVERSED table (see grl_cpu_common.h).
 struct BiasRun {

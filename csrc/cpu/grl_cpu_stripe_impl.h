@@ -284,11 +284,57 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
     }
     for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(out + (b * g.H * g.W + TB.pos[jj]) * A.C + h * d, d);
     gemm_op<T, acc_t>(nb, n2p, d, qA.data(), dk, aB.data(), n2p, S2.data(), n2p, false);  // cos
-    for (int64_t jj = 0; jj < nb; ++jj) {
-      acc_t* row = S2.data() + jj * n2p;
-      stage2_logits(g, tau2 * xn[jj], rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), AT.aoff32.data(), row, AT.anorm.data());
-      T* pr = kInPlace ? reinterpret_cast<T*>(row) : P2.data() + jj * n2k;
-      softmax_to(row, n2, pr, [](acc_t x) { return Lay::from(x); });
+    bool fused = false;
+#if GRL_ISA_LEVEL >= 2
+    if constexpr (std::is_same<acc_t, float>::value) {
+      // rows of 16, 32, 48 or 64 anchors: logits and softmax in registers, rows interleaved
+      if (n2 % 16 == 0 && n2 <= 64) {
+        float sc[kBlock];
+        for (int64_t jj = 0; jj < nb; ++jj) sc[jj] = tau2 * xn[jj];
+        T* pr = kInPlace ? reinterpret_cast<T*>(S2.data()) : P2.data();
+        const int64_t ldo = kInPlace ? n2p : n2k;
+        const float* base0 = rb2 + (g.table_rows - 1);
+        const int64_t* tb = TB.tbase.data();
+        const int64_t aw = g.aw, tw = g.table_w;
+        const int32_t* ao = AT.aoff32.data();
+        // stage2_logits' bias: anchor rows of 16 or more as contiguous runs, shorter ones gathered
+        auto run_bias = [=](int64_t r, int v) {
+          return _mm512_loadu_ps(base0 - tb[r] + (16 * v / aw) * tw + (16 * v) % aw);
+        };
+        auto gather_bias = [=](int64_t r, int v) {
+          return _mm512_i32gather_ps(_mm512_loadu_si512(ao + 16 * v), base0 - tb[r], 4);
+        };
+        const float* dots = S2.data();
+        const int* kid = AT.aid.data();
+        const int* rid = TB.tid.data();
+        const bool msk = g.shifted;
+        const float* cs = AT.anorm.data();
+        if (aw % 16 == 0) {
+          switch (n2 / 16) {
+            case 1: softmax_block_regs<1>(run_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
+            case 2: softmax_block_regs<2>(run_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
+            case 3: softmax_block_regs<3>(run_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
+            default: softmax_block_regs<4>(run_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
+          }
+        } else {
+          switch (n2 / 16) {
+            case 1: softmax_block_regs<1>(gather_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
+            case 2: softmax_block_regs<2>(gather_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
+            case 3: softmax_block_regs<3>(gather_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
+            default: softmax_block_regs<4>(gather_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
+          }
+        }
+        fused = true;
+      }
+    }
+#endif
+    if (!fused) {
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        acc_t* row = S2.data() + jj * n2p;
+        stage2_logits(g, tau2 * xn[jj], rb2, TB.tbase[jj], TB.tid[jj], AT.aid.data(), AT.aoff32.data(), row, AT.anorm.data());
+        T* pr = kInPlace ? reinterpret_cast<T*>(row) : P2.data() + jj * n2k;
+        softmax_to(row, n2, pr, [](acc_t x) { return Lay::from(x); });
+      }
     }
     const T* P2m = kInPlace ? reinterpret_cast<const T*>(S2.data()) : P2.data();
     gemm_op<T, acc_t>(nb, dp, n2, P2m, kInPlace ? n2p : n2k, zB.data(), dp, Yb.data(), dp, false);  // Y = P Z

@@ -117,79 +117,6 @@ GRL_INLINE void window_logits_row(const WindowArgs<scalar_t, acc_t>& A, const Wi
   window_logits(A.g, I, i, s, rb, row, colscale);
 }
 
-#if GRL_ISA_LEVEL >= 2
-// window_logits_row and softmax_to for R rows at once, each of n = 16 NV keys held in NV
-// registers (with the bias matrix, n <= 64: window 8): per row the same operations in the
-// same order as those two (so the same logits and sums), without storing the logits and
-// loading them back twice, and R rows' independent dependency chains (two tree reductions,
-// the exp polynomial, a division per row) interleaved. Row r: bias bm + r ld, dots + r ld,
-// scale s[r], region id ids[r]; probabilities to out + r ldo, float32 or bf16 (vcvtneps2bf16:
-// round to nearest even; probabilities below 2^-126 go to 0).
-template <int NV, int R, typename U>
-GRL_INLINE void window_softmax_rows_regs(const float* bm, const float* dots, int64_t ld, const int* rid,
-                                         const int* ids, bool masked, const float* s, const float* colscale, U* out,
-                                         int64_t ldo) {
-  const __m512 mv = _mm512_set1_ps(kMaskValue);
-  __m512 x[R][NV], cs[NV];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) cs[v] = _mm512_loadu_ps(colscale + 16 * v);
-  __m512 mx[R];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    const __m512 sv = _mm512_set1_ps(s[r]);
-    const __m512i ri = _mm512_set1_epi32(ids[r]);
-    mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __m512 sc = _mm512_mul_ps(sv, cs[v]);
-      x[r][v] = _mm512_fmadd_ps(sc, _mm512_loadu_ps(dots + r * ld + 16 * v), _mm512_loadu_ps(bm + r * ld + 16 * v));
-      if (masked) {
-        const __mmask16 other = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(rid + 16 * v), ri);
-        x[r][v] = _mm512_mask_add_ps(x[r][v], other, x[r][v], mv);
-      }
-      mx[r] = _mm512_max_ps(x[r][v], mx[r]);  // row_max's order: a NaN x keeps the max
-    }
-  }
-  __m512 sum[R];
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
-    sum[r] = _mm512_setzero_ps();
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      x[r][v] = exp_fast16(_mm512_sub_ps(x[r][v], m));
-      sum[r] = _mm512_add_ps(sum[r], x[r][v]);
-    }
-  }
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum[r]));
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      const __m512 p = _mm512_mul_ps(x[r][v], inv);
-      if constexpr (std::is_same<U, float>::value) {
-        _mm512_storeu_ps(out + r * ldo + 16 * v, p);
-      } else {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 16 * v), (__m256i)_mm512_cvtneps_pbh(p));
-      }
-    }
-  }
-}
-
-// The rows of a query block through window_softmax_rows_regs, R at a time (NV = n / 16).
-template <int NV, typename U>
-GRL_INLINE void window_softmax_block_regs(const float* bm, const float* dots, int64_t ld, int64_t mb, const int* rid,
-                                          const int* ids, bool masked, const float* s, const float* colscale, U* out,
-                                          int64_t ldo) {
-  constexpr int R = NV <= 2 ? 4 : 2;
-  int64_t r = 0;
-  for (; r + R <= mb; r += R)
-    window_softmax_rows_regs<NV, R>(bm + r * ld, dots + r * ld, ld, rid, ids + r, masked, s + r, colscale, out + r * ldo, ldo);
-  for (; r < mb; ++r)
-    window_softmax_rows_regs<NV, 1>(bm + r * ld, dots + r * ld, ld, rid, ids + r, masked, s + r, colscale, out + r * ldo, ldo);
-}
-#endif
-
 template <typename acc_t>
 GRL_INLINE void softmax_row_inplace(acc_t* row, int64_t n) {
   const acc_t sum = exp_shift_sum(row, n, row_max(row, n));
@@ -277,11 +204,13 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, sca
         const int* ids = I.rid.data() + i0;
         T* pr = kInPlace ? reinterpret_cast<T*>(S) : W.P.data();
         const int64_t ldo = kInPlace ? np : nk;
+        const float* S0 = S;
+        auto bias = [bm, np](int64_t r, int v) { return _mm512_loadu_ps(bm + r * np + 16 * v); };
         switch (nv) {
-          case 1: window_softmax_block_regs<1>(bm, S, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
-          case 2: window_softmax_block_regs<2>(bm, S, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
-          case 3: window_softmax_block_regs<3>(bm, S, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
-          default: window_softmax_block_regs<4>(bm, S, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
+          case 1: softmax_block_regs<1>(bias, S0, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
+          case 2: softmax_block_regs<2>(bias, S0, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
+          case 3: softmax_block_regs<3>(bias, S0, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
+          default: softmax_block_regs<4>(bias, S0, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
         }
         fused = true;
       }
