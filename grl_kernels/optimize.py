@@ -51,6 +51,8 @@ def optimize(model, *, dtype: Union[str, torch.dtype, None] = "auto", compile: b
     * ``compile``: ``torch.compile`` of the whole model (one graph, no breaks), returned as a
       :class:`CompiledGRL` (``_orig_mod`` is the model).
     The model is put in eval mode; its in-place inference fast path is used when no grad is needed.
+    Inputs of another floating dtype (e.g. float32 images for a bfloat16 model) are converted to the
+    model's dtype and the output back to theirs (``model.cast_inputs = True``).
     """
     from .models import GRL
 
@@ -65,6 +67,7 @@ def optimize(model, *, dtype: Union[str, torch.dtype, None] = "auto", compile: b
     if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     m.eval()
+    m.cast_inputs = True
     if dtype is not None:
         m.to(dtype)
     m.channels_last_convs()

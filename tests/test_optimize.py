@@ -85,6 +85,26 @@ def test_optimize_matches_eager_float32(golden, dtype):
     m.float()
 
 
+def test_input_dtype_other_than_the_weights(golden):
+    """A float32 image for a bfloat16 model: a TypeError naming both dtypes from a plain model;
+    after optimize, converted in and the output converted back (the same values as a bf16 input)."""
+    m, x, expected = golden
+    try:
+        m.bfloat16()
+        with torch.no_grad(), pytest.raises(TypeError, match="float32.*bfloat16"):
+            m(x)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert m(x).shape == expected.shape  # autocast converts the input itself
+        fast = G.optimize(m, dtype=torch.bfloat16, compile=False)
+        with torch.no_grad():
+            y = fast(x)
+            assert y.dtype == torch.float32
+            assert torch.equal(y, fast(x.bfloat16()).float())
+    finally:
+        m.float()
+        m.cast_inputs = False
+
+
 def test_optimize_arguments(golden):
     m, _, _ = golden
     with pytest.raises(TypeError, match="GRL"):

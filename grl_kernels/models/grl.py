@@ -125,6 +125,9 @@ class GRL(nn.Module):
         self.out_channels = out_channels
         # inference calls keep freed blocks in the C heap (grl_kernels.heap); False turns it off
         self.heap_cache = True
+        # True (set by grl_kernels.optimize): an input of another floating dtype than the weights
+        # is converted to theirs and the output back to the input's; False: a TypeError
+        self.cast_inputs = False
         # inference calls run the "pixelshuffle" / "nearest+conv" upsampler in row bands of this
         # many bytes of its finest features (see _tail); 0 turns banding off
         self.tail_band_bytes = 32 * 2 ** 20
@@ -282,6 +285,13 @@ class GRL(nn.Module):
             )
         if x.shape[1] != self.in_channels:
             raise ValueError(f"input has {x.shape[1]} channels, the model expects in_channels = {self.in_channels}")
+        wdtype = self.conv_first.weight.dtype
+        if x.dtype != wdtype and not torch.is_autocast_enabled(x.device.type):
+            if not self.cast_inputs:
+                raise TypeError(
+                    f"input is {x.dtype} but the model's parameters are {wdtype}: pass x.to({wdtype}), run under "
+                    "torch.autocast, or set model.cast_inputs = True (grl_kernels.optimize does)")
+            return self.forward(x.to(wdtype)).to(x.dtype)
         if self._use_heap_cache(x):
             with heap_cache():  # reuse freed blocks without page faults (grl_kernels.heap)
                 return self._forward(x)
