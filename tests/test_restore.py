@@ -177,8 +177,10 @@ def test_estimate_memory_matches_live_tensor_peak(golden, name, backend, dtype, 
         m.float()
 
 
-_RSS_SCRIPT = r"""
-import sys, torch, grl_kernels as G
+# the golden model in a fresh interpreter with the CLI's malloc setting (two torch threads)
+_GOLDEN_PROLOGUE = r"""
+import json, sys, torch, grl_kernels as G
+from grl_kernels import heap
 from grl_kernels.models import GRL
 from grl_kernels.bench.timing import peak_memory
 from grl_kernels.restore.memory import estimate_memory, release_freed_memory_promptly
@@ -187,6 +189,20 @@ torch.set_num_threads(2)
 d = torch.load(sys.argv[1], weights_only=False)
 m = GRL(**d["kwargs"]).eval()
 m.load_state_dict(d["state_dict"], strict=False)
+"""
+
+
+def _run_golden_script(body, fixtures_dir, env=None):
+    """Runs _GOLDEN_PROLOGUE + body in a fresh interpreter; returns its last line of output."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(G.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **(env or {}))
+    r = subprocess.run([sys.executable, "-c", _GOLDEN_PROLOGUE + body, str(fixtures_dir / "golden_grl_model.pt")],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip().splitlines()[-1]
+
+
+_RSS_BODY = r"""
 x = torch.rand(1, 3, 128, 128)
 def fn():
     with torch.no_grad(), G.use_backend("cpu"):
@@ -199,45 +215,25 @@ print(min(peak_memory(fn) for _ in range(2)) / estimate_memory(m, (128, 128)))
 def test_estimate_memory_matches_process_peak_rss(fixtures_dir):
     """The process's peak resident memory (VmHWM growth, what a user sees) with the CLI's malloc
     setting, in a fresh interpreter."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(G.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(fixtures_dir / "golden_grl_model.pt")],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    ratio = float(r.stdout.strip().splitlines()[-1])
+    ratio = float(_run_golden_script(_RSS_BODY, fixtures_dir))
     assert 0.75 <= ratio <= 1.25, ratio
 
 
-_BUDGET_RSS_SCRIPT = r"""
-import json, sys, torch, grl_kernels as G
-from grl_kernels import heap
-from grl_kernels.models import GRL
-from grl_kernels.bench.timing import peak_memory
-from grl_kernels.restore.memory import release_freed_memory_promptly
-assert release_freed_memory_promptly()
-torch.set_num_threads(2)
-d = torch.load(sys.argv[1], weights_only=False)
-m = GRL(**d["kwargs"]).eval()
-m.load_state_dict(d["state_dict"], strict=False)
+_BUDGET_RSS_BODY = r"""
 m.set_backend("cpu")
 x = torch.rand(3, 256, 256)  # 8 MiB of float32 activations: the model's heap cache would open
 fn = lambda: G.restore(m, x, max_memory=1 << 34)  # a budget: planned on live tensors
 fn()
 heap.block_cache_stats(reset_peak=True)
 rss = min(peak_memory(fn) for _ in range(2))
-print("RESULT " + json.dumps({"rss": rss, "stats": heap.block_cache_stats(), "heap_cache": m.heap_cache}))
+print(json.dumps({"rss": rss, "stats": heap.block_cache_stats(), "heap_cache": m.heap_cache}))
 """
 
 
 def _budget_run(fixtures_dir, env):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(G.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), **env)
-    r = subprocess.run([sys.executable, "-c", _BUDGET_RSS_SCRIPT, str(fixtures_dir / "golden_grl_model.pt")],
-                       capture_output=True, text=True, timeout=600, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
     import json
 
-    return json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("RESULT "))[len("RESULT "):])
+    return json.loads(_run_golden_script(_BUDGET_RSS_BODY, fixtures_dir, env))
 
 
 def test_restore_under_budget_keeps_block_cache_at_live_peak(fixtures_dir):
