@@ -99,7 +99,9 @@ class CompiledGRL(torch.nn.Module):
     def forward(self, x):
         from .heap import heap_cache
 
-        with heap_cache(self._orig_mod._use_heap_cache(x)):
+        from .heap import COMPILED_MAX_FIT
+
+        with heap_cache(self._orig_mod._use_heap_cache(x), max_fit=COMPILED_MAX_FIT):
             return self._compiled(x)
 
     def state_dict(self, *args, **kwargs):

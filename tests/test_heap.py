@@ -143,7 +143,7 @@ def touch(mib):
     t.fill_(1.0)
     return t
 out = {"before": heap.block_cache_stats()}
-with heap.heap_cache():
+with heap.heap_cache(max_fit=2.0):  # as compiled calls (the default, exact sizes, below)
     s0 = heap.block_cache_stats(reset_peak=True)
     a = touch(64)
     out["first_faults"] = 0  # mapped with MAP_POPULATE: counted as faults, but in one call
@@ -170,6 +170,13 @@ with heap.heap_cache():
 s4 = heap.block_cache_stats()
 del keep
 s5 = heap.block_cache_stats()
+with heap.heap_cache():  # default (exact sizes): a 40 MiB request does not take a cached 64 MiB block
+    a = touch(64)
+    del a
+    heap.block_cache_stats(reset_peak=True)
+    b = touch(40)
+    out["exact"] = heap.block_cache_stats()
+    del b
 with heap.heap_cache():  # growing a cached block: only the difference is new
     heap.block_cache_stats(reset_peak=True)
     a = touch(32)
@@ -228,6 +235,8 @@ def test_block_cache_reuses_bounds_and_gives_back():
     assert s6["maps"] == 1 and s6["resizes"] == 1 and s6["mapped_bytes"] == 32 * MiB + 16 * MiB, s6
     assert s6["peak_resident_bytes"] <= s6["high_water_bytes"] * 1.1 + 1, s6
     assert r["grown_ok"]
+    ex = r["exact"]  # exact sizes: 64 cached + 40 > the 64 MiB mark -> the 64 MiB block cut to 40
+    assert ex["fits"] == 0 and ex["resizes"] == 1 and ex["in_use_bytes"] == 40 * MiB, ex
 
 
 @pytest.mark.skipif(not _have_cpu_extension(), reason="compiled CPU extension not available")

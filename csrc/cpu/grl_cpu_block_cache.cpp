@@ -8,10 +8,10 @@
 // first time a scope is entered. While at least one scope is open (enter/exit counts, from
 // grl_kernels.heap), requests of at least `min_bytes` are served here:
 //   * a cached block of the same page-rounded size is reused when there is one; else the
-//     smallest cached block of up to `max_fit` times the size (2 in grl_kernels.heap; 1, exact
-//     sizes only, in scopes bounded by a memory budget) is handed over whole, counted at its own
-//     size: cutting it to fit and growing it back later would fault its tail in again, and the
-//     activations of one forward come in a few sizes, 4-16 MiB on GRL-T, used in turn;
+//     smallest cached block of up to `max_fit` times the size is handed over whole, counted at
+//     its own size (grl_kernels.heap: 2 in compiled calls, whose activations come in a few sizes,
+//     4-16 MiB on GRL-T, used in turn, so that cutting a block to fit and growing it back later
+//     faulted its tail in again; 1, exact sizes only, in eager calls and under a memory budget);
 //   * else, when (bytes in use + bytes cached + the request) stays within the bound, the scope's
 //     high-water mark of bytes in use times (1 + slack), a new block is mapped with MAP_POPULATE
 //     (its pages filled in one kernel call, no fault per page);

@@ -6,7 +6,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..heap import block_cache_available, heap_cache
+from ..heap import COMPILED_MAX_FIT, block_cache_available, heap_cache
 from .memory import auto_tile, is_out_of_memory
 from .tiling import model_geometry, round_tile, run_tiled, tile_count
 
@@ -84,8 +84,8 @@ def restore(model, image: torch.Tensor, *, tile: Union[None, int, str] = None, o
     if budgeted and cache is not None and not (on_cpu and block_cache_available()):
         m.heap_cache = False
     try:
-        with heap_cache(enabled=bool(getattr(m, "heap_cache", False)) and on_cpu,
-                        bounded=budgeted):
+        with heap_cache(enabled=bool(getattr(m, "heap_cache", False)) and on_cpu, bounded=budgeted,
+                        max_fit=COMPILED_MAX_FIT if m is not model else None):  # a CompiledGRL
             while True:
                 try:
                     with torch.no_grad():
