@@ -97,9 +97,7 @@ class CompiledGRL(torch.nn.Module):
         object.__setattr__(self, "_compiled", torch.compile(model, dynamic=False))  # not a submodule
 
     def forward(self, x):
-        from .heap import heap_cache
-
-        from .heap import COMPILED_MAX_FIT
+        from .heap import COMPILED_MAX_FIT, heap_cache
 
         with heap_cache(self._orig_mod._use_heap_cache(x), max_fit=COMPILED_MAX_FIT):
             return self._compiled(x)
