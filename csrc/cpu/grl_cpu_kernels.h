@@ -321,21 +321,23 @@ static GRL_INLINE void store_row(c10::BFloat16* __restrict dst, const acc_t* __r
 
 // Software prefetch of the cache lines of one row of d elements (stride in elements).
 constexpr int64_t kPrefetch = 16;  // rows ahead
-template <typename scalar_t>
+// kLocality 3 (the default) fetches into L1 for the next rows; 2 into L2, for the rows of the
+// NEXT task, issued a whole task ahead (DRAM latency is longer than the time a few rows take).
+template <int kLocality = 3, typename scalar_t>
 static GRL_INLINE void prefetch_row(const scalar_t* p, int64_t d, int64_t stride) {
   const char* c = reinterpret_cast<const char*>(p);
   const int64_t bytes = (d - 1) * stride * static_cast<int64_t>(sizeof(scalar_t)) + sizeof(scalar_t);
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
-  __builtin_prefetch(c + bytes - 1, 0, 3);  // the last line when the row straddles one more
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, kLocality);
+  __builtin_prefetch(c + bytes - 1, 0, kLocality);  // the last line when the row straddles one more
 }
 
 // Same for a contiguous row about to be written (prefetch with intent to write).
-template <typename scalar_t>
+template <int kLocality = 3, typename scalar_t>
 static GRL_INLINE void prefetch_row_for_write(scalar_t* p, int64_t d) {
   char* c = reinterpret_cast<char*>(p);
   const int64_t bytes = d * static_cast<int64_t>(sizeof(scalar_t));
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, 3);
-  __builtin_prefetch(c + bytes - 1, 1, 3);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 1, kLocality);
+  __builtin_prefetch(c + bytes - 1, 1, kLocality);
 }
 
 // F.normalize: returns ||x|| and scales x in place by 1 / max(||x||, eps).
@@ -402,42 +404,12 @@ constexpr int kVecBytes = 32;
 // ---------------------------------------------------------------------------------------
 // GEMM 1 (the backward's): C (M x N, ldc) = alpha * A * B (+ C when accumulate), with
 // A(r, k) = A[r * ars + k * acs] (so A may be a transposed view) and B row-major (K x N, ldb).
-// Register tiles of MR x 16 accumulators: for each k, MR broadcasts of A and 16-wide
-// loads of B feed MR x 16 fused multiply-adds. GCC/Clang vector extensions keep the
-// accumulators in registers.
-template <int MR, typename T>
-static GRL_INLINE void gemm_tile_full(int64_t K, T alpha, const T* __restrict A, int64_t ars, int64_t acs,
-                                      const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc,
-                                      bool accumulate) {
-  typedef T V __attribute__((vector_size(32)));
-  constexpr int L = 32 / sizeof(T);  // lanes per vector
-  constexpr int NV = 16 / L;         // vectors per 16-wide row tile
-  V acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V{};
-  for (int64_t k = 0; k < K; ++k) {
-    V bv[NV];
-    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], B + k * ldb + v * L, sizeof(V));
-    for (int r = 0; r < MR; ++r) {
-      const T a = A[r * ars + k * acs];
-      for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    for (int v = 0; v < NV; ++v) {
-      V out = alpha * acc[r][v];
-      T* c = C + r * ldc + v * L;
-      if (accumulate) {
-        V old;
-        std::memcpy(&old, c, sizeof(V));
-        out += old;
-      }
-      std::memcpy(c, &out, sizeof(V));
-    }
-  }
-}
+// Full tiles are GEMM 2's float tile (tile_fp: MR x NV vectors of kVecBytes, so 4 x 32 floats
+// on AVX-512, 4 x 16 on AVX2), with the strides and alpha; the columns past the last whole
+// vector: gemm_tile_edge. (The 16-wide ymm tiles before ran the stripe float32 backward
+// 1.2-1.3x slower on AVX-512.)
 
-// Edge tile (fewer than 16 columns): plain loops, accumulating straight into C.
+// Edge tile (fewer than one vector of columns): plain loops, accumulating straight into C.
 template <typename T>
 static GRL_INLINE void gemm_tile_edge(int64_t mr, int64_t nr, int64_t K, T alpha, const T* A, int64_t ars,
                                       int64_t acs, const T* B, int64_t ldb, T* C, int64_t ldc, bool accumulate) {
@@ -450,24 +422,6 @@ static GRL_INLINE void gemm_tile_edge(int64_t mr, int64_t nr, int64_t K, T alpha
     }
     T* c = C + r * ldc;
     for (int64_t jj = 0; jj < nr; ++jj) c[jj] = accumulate ? c[jj] + alpha * acc[jj] : alpha * acc[jj];
-  }
-}
-
-template <typename T>
-static void gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t ars, int64_t acs, const T* B,
-                 int64_t ldb, T* C, int64_t ldc, bool accumulate) {
-  constexpr int MR = 4, NR = 16;
-  const int64_t Nf = N / NR * NR;
-  int64_t i = 0;
-  for (; i + MR <= M; i += MR) {
-    for (int64_t j = 0; j < Nf; j += NR)
-      gemm_tile_full<MR, T>(K, alpha, A + i * ars, ars, acs, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-    if (Nf < N) gemm_tile_edge<T>(MR, N - Nf, K, alpha, A + i * ars, ars, acs, B + Nf, ldb, C + i * ldc + Nf, ldc, accumulate);
-  }
-  for (; i < M; ++i) {
-    for (int64_t j = 0; j < Nf; j += NR)
-      gemm_tile_full<1, T>(K, alpha, A + i * ars, ars, acs, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-    if (Nf < N) gemm_tile_edge<T>(1, N - Nf, K, alpha, A + i * ars, ars, acs, B + Nf, ldb, C + i * ldc + Nf, ldc, accumulate);
   }
 }
 
@@ -512,10 +466,11 @@ struct OpType<c10::BFloat16, float> {
 };
 #endif
 
-// float / double tile: MR rows x NV vectors of kVecBytes.
+// float / double tile: MR rows x NV vectors of kVecBytes, C = alpha A B (+ C), A(r, k) at
+// A[r * ars + k * acs] (the forwards pass alpha 1, ars lda, acs 1: constants once inlined).
 template <int MR, int NV, typename T>
-static GRL_INLINE void tile_fp(int64_t K, const T* __restrict A, int64_t lda, const T* __restrict B, int64_t ldb,
-                               T* __restrict C, int64_t ldc, bool accumulate) {
+static GRL_INLINE void tile_fp(int64_t K, T alpha, const T* __restrict A, int64_t ars, int64_t acs,
+                               const T* __restrict B, int64_t ldb, T* __restrict C, int64_t ldc, bool accumulate) {
   typedef T V __attribute__((vector_size(kVecBytes)));
   constexpr int L = kVecBytes / sizeof(T);
   V acc[MR][NV];
@@ -525,14 +480,14 @@ static GRL_INLINE void tile_fp(int64_t K, const T* __restrict A, int64_t lda, co
     V bv[NV];
     for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], B + k * ldb + v * L, sizeof(V));
     for (int r = 0; r < MR; ++r) {
-      const T a = A[r * lda + k];
+      const T a = A[r * ars + k * acs];
       for (int v = 0; v < NV; ++v) acc[r][v] += a * bv[v];
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int v = 0; v < NV; ++v) {
       T* c = C + r * ldc + v * L;
-      V out = acc[r][v];
+      V out = alpha * acc[r][v];
       if (accumulate) {
         V old;
         std::memcpy(&old, c, sizeof(V));
@@ -542,13 +497,38 @@ static GRL_INLINE void tile_fp(int64_t K, const T* __restrict A, int64_t lda, co
     }
 }
 
+// GEMM 1's rows r0 .. r0 + MR: full tiles of 2 and 1 vectors, then the edge columns.
+template <int MR, typename T>
+static GRL_INLINE void gemm_rows(int64_t N, int64_t K, T alpha, const T* A, int64_t ars, int64_t acs, const T* B,
+                                 int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int L = kVecBytes / sizeof(T);
+  int64_t j = 0;
+  for (; j + 2 * L <= N; j += 2 * L) tile_fp<MR, 2, T>(K, alpha, A, ars, acs, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + L <= N; j += L) tile_fp<MR, 1, T>(K, alpha, A, ars, acs, B + j, ldb, C + j, ldc, accumulate);
+  if (j < N) gemm_tile_edge<T>(MR, N - j, K, alpha, A, ars, acs, B + j, ldb, C + j, ldc, accumulate);
+}
+
+template <typename T>
+static void gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t ars, int64_t acs, const T* B,
+                 int64_t ldb, T* C, int64_t ldc, bool accumulate) {
+  constexpr int MR = 4;
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) gemm_rows<MR, T>(N, K, alpha, A + i * ars, ars, acs, B, ldb, C + i * ldc, ldc, accumulate);
+  switch (M - i) {
+    case 3: gemm_rows<3, T>(N, K, alpha, A + i * ars, ars, acs, B, ldb, C + i * ldc, ldc, accumulate); break;
+    case 2: gemm_rows<2, T>(N, K, alpha, A + i * ars, ars, acs, B, ldb, C + i * ldc, ldc, accumulate); break;
+    case 1: gemm_rows<1, T>(N, K, alpha, A + i * ars, ars, acs, B, ldb, C + i * ldc, ldc, accumulate); break;
+    default: break;
+  }
+}
+
 template <int MR, typename T>
 static GRL_INLINE void row_tiles_fp(int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
                                     int64_t ldc, bool accumulate) {
   constexpr int L = kVecBytes / sizeof(T);
   int64_t j = 0;
-  for (; j + 2 * L <= N; j += 2 * L) tile_fp<MR, 2, T>(K, A, lda, B + j, ldb, C + j, ldc, accumulate);
-  for (; j < N; j += L) tile_fp<MR, 1, T>(K, A, lda, B + j, ldb, C + j, ldc, accumulate);
+  for (; j + 2 * L <= N; j += 2 * L) tile_fp<MR, 2, T>(K, T(1), A, lda, 1, B + j, ldb, C + j, ldc, accumulate);
+  for (; j < N; j += L) tile_fp<MR, 1, T>(K, T(1), A, lda, 1, B + j, ldb, C + j, ldc, accumulate);
 }
 
 #if GRL_ISA_LEVEL >= 2

@@ -72,6 +72,31 @@ GRL_INLINE void gather_window(const WindowArgs<scalar_t, acc_t>& A, const Window
   }
 }
 
+// Prefetch into L2 what task `task` reads and writes: the q, k, v rows of its window and head,
+// in the forward (out) its output rows, in the backward (gout, gqkv) its output-gradient rows
+// and its qkv-gradient rows (for write); null pointers are skipped. Issued by the task before
+// it, a whole task ahead (window rows are scattered over the image: without it one DRAM
+// latency per row, ~50 % of a float32 window-8 backward).
+template <typename scalar_t, typename acc_t>
+GRL_INLINE void prefetch_window_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout,
+                                     scalar_t* gqkv, scalar_t* out = nullptr) {
+  const WindowGeom& g = A.g;
+  const int64_t d = A.d, C = A.C, L = g.H * g.W, sc = A.vq.sc;
+  const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
+  const int64_t r0 = win / g.windows_w * g.ws, c0 = win % g.windows_w * g.ws;
+  const scalar_t* base = A.qkv + b * A.vq.sb + h * d * sc;
+  for (int64_t y = 0; y < g.ws; ++y)
+    for (int64_t x = 0; x < g.ws; ++x) {
+      const int64_t pos = window_token_position_rc(g, r0 + y, c0 + x);
+      const scalar_t* qp = base + pos * A.vq.sl;
+      for (int part = 0; part < 3; ++part) prefetch_row<2>(qp + part * C * sc, d, sc);
+      if (gout) prefetch_row<2>(gout + (b * L + pos) * C + h * d, d, 1);
+      if (gqkv)
+        for (int part = 0; part < 3; ++part) prefetch_row_for_write<2>(gqkv + (b * L + pos) * 3 * C + part * C + h * d, d);
+      if (out) prefetch_row_for_write<2>(out + (b * L + pos) * C + h * d, d);
+    }
+}
+
 // Row i of the logits, in place: tau * cos + B[rel(i, j)] + M[i, j]; each key row y2 of the
 // window reads one contiguous run of the reversed table rb.
 // With colscale (the forward's raw dot products): tau * colscale[j] * dot instead.
@@ -143,7 +168,7 @@ struct WindowForwardScratch {
 };
 
 template <typename scalar_t, typename acc_t>
-void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, scalar_t* out,
+void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, int64_t next, scalar_t* out,
                          WindowForwardScratch<scalar_t, acc_t>& W) {
   using T = typename OpType<scalar_t, acc_t>::T;
   using Lay = OpLayout<T>;
@@ -185,6 +210,7 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, sca
       for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, j, np)] = kb[c], vB[Lay::bidx(j, c, dp)] = vb[c];
     });
   }
+  if (next >= 0) prefetch_window_task<scalar_t, acc_t>(A, next, nullptr, nullptr, out);  // the next task's rows, into L2
   const int64_t MB = W.MB;
   acc_t *S = W.S.data(), *Y = W.Y.data();
   const acc_t tau = A.tau[h];
@@ -264,7 +290,7 @@ static GRL_INLINE acc_t softmax_row_backward(const WindowGeom& g, int64_t qoff, 
 // interleaved) instead of transposing dS and P. Only P and tau-scaled dS are rounded to
 // bf16 (the reference in bf16 rounds them, and q_hat, k_hat, too).
 template <typename scalar_t, typename acc_t>
-void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout,
+void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t task, int64_t next, const scalar_t* gout,
                                scalar_t* gqkv, acc_t* dtau, acc_t* rdbias) {
   using T = uint16_t;
   using Lay = OpLayout<T>;
@@ -301,6 +327,7 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
     kn[j] = normalize_inplace(k, d);
     for (int64_t c = 0; c < d; ++c) qh[j * dp + c] = q[c], kh[j * dp + c] = k[c];
   });
+  if (next >= 0) prefetch_window_task(A, next, gout, gqkv);  // the next task's rows, into L2
   const int64_t MB = std::min(kQueryBlock, n), MBk = kpad<T>(MB);
   // per block: raw dots -> P (mb x np), cos, dP -> dS; bf16 operands: dY rows (A of dP),
   // dY^T (A of dv^T, d x MBk), tau rk dS rows (A of dq, mb x nk), VNNI pairs of
@@ -363,11 +390,11 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
 // cos = q_hat k_hat^T, dP = dY v^T, dS = P (dP - D), dq_hat = tau dS k_hat,
 // dk_hat += tau dS^T q_hat, dv += P^T dY per query block.
 template <typename scalar_t, typename acc_t>
-void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout, scalar_t* gqkv,
-                          acc_t* dtau, acc_t* rdbias) {
+void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, int64_t next, const scalar_t* gout,
+                          scalar_t* gqkv, acc_t* dtau, acc_t* rdbias) {
 #if GRL_ISA_LEVEL >= 2
   if constexpr (std::is_same<typename OpType<scalar_t, acc_t>::T, uint16_t>::value) {
-    window_backward_task_bf16(A, task, gout, gqkv, dtau, rdbias);
+    window_backward_task_bf16(A, task, next, gout, gqkv, dtau, rdbias);
     return;
   } else
 #endif
@@ -389,6 +416,7 @@ void window_backward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, co
       vT[c * n + j] = v[c];
     }
   });
+  if (next >= 0) prefetch_window_task(A, next, gout, gqkv);  // the next task's rows, into L2
   const int64_t MB = std::min(kQueryBlock, n);
   std::vector<acc_t> S(MB * n), P(MB * n), dP(MB * n), dY(MB * dp, acc_t(0)), dQ(MB * dp), dK(n * dp, acc_t(0)),
       dV(n * dp, acc_t(0));
@@ -441,13 +469,13 @@ template <typename scalar_t, typename acc_t>
 void window_forward_range(const WindowArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, scalar_t* out) {
   if (t0 >= t1) return;
   WindowForwardScratch<scalar_t, acc_t> W(A);
-  for (int64_t t = t0; t < t1; ++t) window_forward_task(A, t, out, W);
+  for (int64_t t = t0; t < t1; ++t) window_forward_task(A, t, t + 1 < t1 ? t + 1 : -1, out, W);
 }
 
 template <typename scalar_t, typename acc_t>
 void window_backward_range(const WindowArgs<scalar_t, acc_t>& A, int64_t t0, int64_t t1, const scalar_t* gout,
                            scalar_t* gqkv, acc_t* dtau, acc_t* rdbias) {
-  for (int64_t t = t0; t < t1; ++t) window_backward_task(A, t, gout, gqkv, dtau, rdbias);
+  for (int64_t t = t0; t < t1; ++t) window_backward_task(A, t, t + 1 < t1 ? t + 1 : -1, gout, gqkv, dtau, rdbias);
 }
 
 #define GRL_WINDOW_INSTANTIATE(S, A_)                                                              \
