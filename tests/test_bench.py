@@ -138,3 +138,21 @@ def test_machine_info():
     info = machine_info()
     assert info["torch"] == torch.__version__ and info["cpu_count"] >= 1
     assert "gpu" in info and "python" in info
+
+
+def test_softmax_floor_probe_runs_and_rejects_bad_arguments(capsys):
+    """benchmarks/softmax_floor.py (the per-logit floor of issue 12's note): one small run of
+    two geometries prints a row each; a non-positive size is refused with a usage error."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "softmax_floor.py"
+    spec = importlib.util.spec_from_file_location("softmax_floor", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--configs", "window8", "stripe8x64", "--size", "32", "--repeat", "1",
+                     "--dtype", "float32", "--ceiling-gflops", "100"]) == 0
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(("window8", "stripe8x64"))]
+    assert len(rows) == 2 and all(len(r.split()) == 11 for r in rows)
+    with pytest.raises(SystemExit):
+        mod.main(["--size", "0"])
