@@ -767,6 +767,23 @@ static GRL_INLINE void bf16_rows_to_nk_pairs(const uint16_t* rows, int64_t n, in
 }
 #endif
 
+// inv_norm for n rows at once from their sums of squares (row_dot(x, x, d), in x): the square
+// roots and divisions run over 16 rows a vector instead of one latency chain per row (the
+// same correctly rounded operations, so the same bits as inv_norm).
+template <typename acc_t>
+static GRL_INLINE void inv_norms_of_sumsq(acc_t* x, int64_t n) {
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<acc_t, float>::value) {
+    inv_norms_from_sumsq(x, n);
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t r = std::sqrt(x[j]);
+    x[j] = acc_t(1) / (r > acc_t(kNormEps) ? r : acc_t(kNormEps));
+  }
+}
+
 #if GRL_ISA_LEVEL >= 2
 // Logits and exact softmax of R rows at once, each of 16 NV keys held in NV registers: row r's
 // logits x = s[r] colscale dots_r + bias(r, v) (+ the -100 mask where key_ids != row_ids[r]),

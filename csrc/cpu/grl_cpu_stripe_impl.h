@@ -226,10 +226,11 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
 #endif
     if (!raw_done) {
       gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
-        xn[jj] = inv_norm(r, d);  // raw k in the tile, 1 / |k| applied to the dot products
+        xn[jj] = row_dot(r, r, d);  // raw k in the tile, 1 / |k| applied to the dot products
         to_tile_row(r, kt, d);
         for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = kt[c];
       });
+      inv_norms_of_sumsq(xn.data(), nb);
     }
     gather_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
       for (int64_t c = 0; c < d; ++c) vB[jj * dp + c] = r[c];
@@ -278,9 +279,10 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
 #endif
     if (!raw_done) {
       gather_tokens(A, TB, b, h, 0, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
-        xn[jj] = inv_norm(r, d);
+        xn[jj] = row_dot(r, r, d);
         to_tile_row(r, qA.data() + jj * dk, d);
       });
+      inv_norms_of_sumsq(xn.data(), nb);
     }
     for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(out + (b * g.H * g.W + TB.pos[jj]) * A.C + h * d, d);
     gemm_op<T, acc_t>(nb, n2p, d, qA.data(), dk, aB.data(), n2p, S2.data(), n2p, false);  // cos

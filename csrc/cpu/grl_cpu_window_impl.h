@@ -203,12 +203,14 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, int
   if (!gathered) {
     T qb[kMaxStackD + 2], kb[kMaxStackD + 2], vb[kMaxStackD + 2];
     gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
-      qinv[j] = inv_norm(q, d);
-      kinv[j] = inv_norm(k, d);
+      qinv[j] = row_dot(q, q, d);
+      kinv[j] = row_dot(k, k, d);
       to_tile_row(q, qb, d), to_tile_row(k, kb, d), to_tile_row(v, vb, d);
       std::memcpy(qA + j * dk, qb, d * sizeof(T));
       for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, j, np)] = kb[c], vB[Lay::bidx(j, c, dp)] = vb[c];
     });
+    inv_norms_of_sumsq(qinv, n);
+    inv_norms_of_sumsq(kinv, n);
   }
   if (next >= 0) prefetch_window_task<scalar_t, acc_t>(A, next, nullptr, nullptr, out);  // the next task's rows, into L2
   const int64_t MB = W.MB;
