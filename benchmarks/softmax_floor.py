@@ -16,26 +16,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import CONFIGS, build  # noqa: E402
+from bench_cpu import CONFIGS, build, timeit  # noqa: E402
 
 from grl_kernels.bench.ceilings import matmul_ceiling  # noqa: E402
-
-
-def _median_ms(fn, repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
 
 
 def _logits(kind: str, geom, heads: int, size: int) -> float:
@@ -55,11 +43,11 @@ def run(name: str, size: int, d: int, dtype, repeat: int):
     n_in = 2 if kind == "stripe" else 1
     ins = [t.to(dtype) if i < n_in else t for i, t in enumerate(inputs)]
     with torch.no_grad():
-        fwd = _median_ms(lambda: call(cpu, ins), repeat)
+        fwd = timeit(lambda: call(cpu, ins), repeat, 1)
     leaves = [t.clone().requires_grad_(True) for t in ins]
     out = call(cpu, leaves)
     go = torch.randn_like(out)
-    fb = _median_ms(lambda: torch.autograd.grad(call(cpu, leaves), leaves, go), max(1, repeat // 2))
+    fb = timeit(lambda: torch.autograd.grad(call(cpu, leaves), leaves, go), max(1, repeat // 2), 1)
     # useful FLOPs of the math (as grl_kernels.bench.counts): per logit 2 d multiply-adds
     logits = _logits(kind, geom, args["nh"], size)
     return {"fwd_ms": fwd, "fb_ms": fb, "logits": logits, "flops": 4.0 * d * logits, "d": d}
