@@ -76,7 +76,10 @@ GRL_INLINE void gather_window(const WindowArgs<scalar_t, acc_t>& A, const Window
 // in the forward (out) its output rows, in the backward (gout, gqkv) its output-gradient rows
 // and its qkv-gradient rows (for write); null pointers are skipped. Issued by the task before
 // it, a whole task ahead (window rows are scattered over the image: without it one DRAM
-// latency per row, ~50 % of a float32 window-8 backward).
+// latency per row, ~50 % of a float32 window-8 backward). At most the first
+// kPrefetchTaskTokens tokens (<= 230 KB of lines), so that large windows (32: 1024 tokens,
+// ~0.9 MB) do not evict the running task's tiles from L2.
+constexpr int64_t kPrefetchTaskTokens = 256;
 template <typename scalar_t, typename acc_t>
 GRL_INLINE void prefetch_window_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, const scalar_t* gout,
                                      scalar_t* gqkv, scalar_t* out = nullptr) {
@@ -85,16 +88,17 @@ GRL_INLINE void prefetch_window_task(const WindowArgs<scalar_t, acc_t>& A, int64
   const int64_t h = task % A.nh, win = (task / A.nh) % g.num_windows, b = task / (A.nh * g.num_windows);
   const int64_t r0 = win / g.windows_w * g.ws, c0 = win % g.windows_w * g.ws;
   const scalar_t* base = A.qkv + b * A.vq.sb + h * d * sc;
-  for (int64_t y = 0; y < g.ws; ++y)
-    for (int64_t x = 0; x < g.ws; ++x) {
-      const int64_t pos = window_token_position_rc(g, r0 + y, c0 + x);
-      const scalar_t* qp = base + pos * A.vq.sl;
-      for (int part = 0; part < 3; ++part) prefetch_row<2>(qp + part * C * sc, d, sc);
-      if (gout) prefetch_row<2>(gout + (b * L + pos) * C + h * d, d, 1);
-      if (gqkv)
-        for (int part = 0; part < 3; ++part) prefetch_row_for_write<2>(gqkv + (b * L + pos) * 3 * C + part * C + h * d, d);
-      if (out) prefetch_row_for_write<2>(out + (b * L + pos) * C + h * d, d);
-    }
+  const int64_t count = std::min(g.n, kPrefetchTaskTokens);
+  for (int64_t j = 0, y = 0, x = 0; j < count; ++j) {
+    const int64_t pos = window_token_position_rc(g, r0 + y, c0 + x);
+    const scalar_t* qp = base + pos * A.vq.sl;
+    for (int part = 0; part < 3; ++part) prefetch_row<2>(qp + part * C * sc, d, sc);
+    if (gout) prefetch_row<2>(gout + (b * L + pos) * C + h * d, d, 1);
+    if (gqkv)
+      for (int part = 0; part < 3; ++part) prefetch_row_for_write<2>(gqkv + (b * L + pos) * 3 * C + part * C + h * d, d);
+    if (out) prefetch_row_for_write<2>(out + (b * L + pos) * C + h * d, d);
+    if (++x == g.ws) x = 0, ++y;
+  }
 }
 
 // Row i of the logits, in place: tau * cos + B[rel(i, j)] + M[i, j]; each key row y2 of the
