@@ -856,6 +856,19 @@ static GRL_INLINE void softmax_block_regs(const Bias& bias, const float* dots, i
     softmax_rows_regs<NV, 1>(b, dots + r * ld, ld, key_ids, row_ids + r, masked, s + r, colscale, out + r * ldo, ldo);
   }
 }
+
+// softmax_block_regs for rows of nv = 1..4 vectors (16..64 entries), chosen at run time.
+template <typename U, typename Bias>
+static GRL_INLINE void softmax_block_regs_nv(int nv, const Bias& bias, const float* dots, int64_t ld, int64_t mb,
+                                             const int* key_ids, const int* row_ids, bool masked, const float* s,
+                                             const float* colscale, U* out, int64_t ldo) {
+  switch (nv) {
+    case 1: return softmax_block_regs<1>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo);
+    case 2: return softmax_block_regs<2>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo);
+    case 3: return softmax_block_regs<3>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo);
+    default: return softmax_block_regs<4>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo);
+  }
+}
 #endif
 
 // A contiguous run of bias-table entries: `len` consecutive logits starting at column `j0`

@@ -311,21 +311,9 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
         const int* rid = TB.tid.data();
         const bool msk = g.shifted;
         const float* cs = AT.anorm.data();
-        if (aw % 16 == 0) {
-          switch (n2 / 16) {
-            case 1: softmax_block_regs<1>(run_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
-            case 2: softmax_block_regs<2>(run_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
-            case 3: softmax_block_regs<3>(run_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
-            default: softmax_block_regs<4>(run_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
-          }
-        } else {
-          switch (n2 / 16) {
-            case 1: softmax_block_regs<1>(gather_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
-            case 2: softmax_block_regs<2>(gather_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
-            case 3: softmax_block_regs<3>(gather_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
-            default: softmax_block_regs<4>(gather_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo); break;
-          }
-        }
+        const int nv = static_cast<int>(n2 / 16);
+        if (aw % 16 == 0) softmax_block_regs_nv(nv, run_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo);
+        else softmax_block_regs_nv(nv, gather_bias, dots, n2p, nb, kid, rid, msk, sc, cs, pr, ldo);
         fused = true;
       }
     }

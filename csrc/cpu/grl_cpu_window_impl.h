@@ -238,12 +238,7 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, int
         const int64_t ldo = kInPlace ? np : nk;
         const float* S0 = S;
         auto bias = [bm, np](int64_t r, int v) { return _mm512_loadu_ps(bm + r * np + 16 * v); };
-        switch (nv) {
-          case 1: softmax_block_regs<1>(bias, S0, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
-          case 2: softmax_block_regs<2>(bias, S0, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
-          case 3: softmax_block_regs<3>(bias, S0, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
-          default: softmax_block_regs<4>(bias, S0, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo); break;
-        }
+        softmax_block_regs_nv(nv, bias, S0, np, mb, I.rid.data(), ids, I.masked, sc, kinv, pr, ldo);
         fused = true;
       }
     }
