@@ -792,11 +792,21 @@ static GRL_INLINE void inv_norms_of_sumsq(acc_t* x, int64_t n) {
 // storing the logits and loading them back twice, and R rows' independent dependency chains (two
 // tree reductions, the exp polynomial, a division per row) interleaved. Probabilities to
 // out + r ldo, float32 or bf16 (vcvtneps2bf16: round to nearest even; below 2^-126 they go to 0).
+// One vector of logits: sc dots + bias (+ the -100 mask on the lanes whose key_ids != ri), as
+// bias_run / bias_gather then add_region_mask compute them in memory (the same FMA, the same add).
+static GRL_INLINE __m512 logit16(__m512 sc, __m512 dots, __m512 bias, const int* key_ids, __m512i ri, bool masked) {
+  __m512 x = _mm512_fmadd_ps(sc, dots, bias);
+  if (masked) {
+    const __mmask16 other = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(key_ids), ri);
+    x = _mm512_mask_add_ps(x, other, x, _mm512_set1_ps(kMaskValue));
+  }
+  return x;
+}
+
 template <int NV, int R, typename U, typename Bias>
 static GRL_INLINE void softmax_rows_regs(const Bias& bias, const float* dots, int64_t ld, const int* key_ids,
                                          const int* row_ids, bool masked, const float* s, const float* colscale, U* out,
                                          int64_t ldo) {
-  const __m512 mv = _mm512_set1_ps(kMaskValue);
   __m512 x[R][NV], cs[NV], mx[R], sum[R];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) cs[v] = _mm512_loadu_ps(colscale + 16 * v);
@@ -807,11 +817,8 @@ static GRL_INLINE void softmax_rows_regs(const Bias& bias, const float* dots, in
     mx[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
-      x[r][v] = _mm512_fmadd_ps(_mm512_mul_ps(sv, cs[v]), _mm512_loadu_ps(dots + r * ld + 16 * v), bias(r, v));
-      if (masked) {
-        const __mmask16 other = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(key_ids + 16 * v), ri);
-        x[r][v] = _mm512_mask_add_ps(x[r][v], other, x[r][v], mv);
-      }
+      x[r][v] = logit16(_mm512_mul_ps(sv, cs[v]), _mm512_loadu_ps(dots + r * ld + 16 * v), bias(r, v), key_ids + 16 * v,
+                        ri, masked);
       mx[r] = _mm512_max_ps(x[r][v], mx[r]);  // row_max's order: a NaN x keeps the max
     }
   }
@@ -867,6 +874,83 @@ static GRL_INLINE void softmax_block_regs_nv(int nv, const Bias& bias, const flo
     case 2: return softmax_block_regs<2>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo);
     case 3: return softmax_block_regs<3>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo);
     default: return softmax_block_regs<4>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo);
+  }
+}
+// One online-softmax step of R rows over a block of 16 NV keys, in registers (stage 1 of the
+// stripes: anchor rows over a token block): x = s[r] colscale dots_r + bias(r, v) (+ mask), then
+// stripe_forward_task's steps on it: mx = max(m_r, row max), corr_r = exp(m_r - mx), exp(x - mx)
+// to out_r (may alias dots_r), l_r = l_r corr_r + sum, m_r = mx. The same operations in the same
+// order as stage1_logits, row_max and exp_shift_sum (the backward recomputes these logits through
+// stage1_logits and needs them bit for bit), without the row's three trips through memory.
+template <int NV, int R, typename Bias>
+static GRL_INLINE void online_rows_regs(const Bias& bias, const float* dots, int64_t ld, const int* key_ids,
+                                        const int* row_ids, bool masked, const float* s, const float* colscale,
+                                        float* out, int64_t ldo, float* m, float* l, float* corr) {
+  __m512 x[R][NV], cs[NV], mv[R], sum[R];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) cs[v] = _mm512_loadu_ps(colscale + 16 * v);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 sv = _mm512_set1_ps(s[r]);
+    const __m512i ri = _mm512_set1_epi32(row_ids[r]);
+    mv[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      x[r][v] = logit16(_mm512_mul_ps(sv, cs[v]), _mm512_loadu_ps(dots + r * ld + 16 * v), bias(r, v), key_ids + 16 * v,
+                        ri, masked);
+      mv[r] = _mm512_max_ps(x[r][v], mv[r]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const float bm = _mm512_reduce_max_ps(mv[r]);
+    const float mx = bm > m[r] ? bm : m[r];
+    corr[r] = exp_fast(m[r] - mx);  // 0 on the first block (m = -inf)
+    m[r] = mx;
+    const __m512 mm = _mm512_set1_ps(mx);
+    sum[r] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      x[r][v] = exp_fast16(_mm512_sub_ps(x[r][v], mm));
+      _mm512_storeu_ps(out + r * ldo + 16 * v, x[r][v]);
+      sum[r] = _mm512_add_ps(sum[r], x[r][v]);
+    }
+  }
+#pragma GCC unroll 4
+  // stripe_forward_task's l * corr + sum, which GCC contracts to this FMA
+  for (int r = 0; r < R; ++r) l[r] = std::fma(l[r], corr[r], _mm512_reduce_add_ps(sum[r]));
+}
+
+// mb rows through online_rows_regs, R at a time; nv = 1..4 vectors (16..64 keys), chosen at run time.
+template <int NV, typename Bias>
+static GRL_INLINE void online_block_regs(const Bias& bias, const float* dots, int64_t ld, int64_t mb,
+                                         const int* key_ids, const int* row_ids, bool masked, const float* s,
+                                         const float* colscale, float* out, int64_t ldo, float* m, float* l,
+                                         float* corr) {
+  constexpr int R = NV <= 2 ? 4 : 2;
+  int64_t r = 0;
+  for (; r + R <= mb; r += R) {
+    auto b = [&bias, r](int64_t rr, int v) { return bias(r + rr, v); };
+    online_rows_regs<NV, R>(b, dots + r * ld, ld, key_ids, row_ids + r, masked, s + r, colscale, out + r * ldo, ldo,
+                            m + r, l + r, corr + r);
+  }
+  for (; r < mb; ++r) {
+    auto b = [&bias, r](int64_t rr, int v) { return bias(r + rr, v); };
+    online_rows_regs<NV, 1>(b, dots + r * ld, ld, key_ids, row_ids + r, masked, s + r, colscale, out + r * ldo, ldo,
+                            m + r, l + r, corr + r);
+  }
+}
+
+template <typename Bias>
+static GRL_INLINE void online_block_regs_nv(int nv, const Bias& bias, const float* dots, int64_t ld, int64_t mb,
+                                            const int* key_ids, const int* row_ids, bool masked, const float* s,
+                                            const float* colscale, float* out, int64_t ldo, float* m, float* l,
+                                            float* corr) {
+  switch (nv) {
+    case 1: return online_block_regs<1>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo, m, l, corr);
+    case 2: return online_block_regs<2>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo, m, l, corr);
+    case 3: return online_block_regs<3>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo, m, l, corr);
+    default: return online_block_regs<4>(bias, dots, ld, mb, key_ids, row_ids, masked, s, colscale, out, ldo, m, l, corr);
   }
 }
 #endif
