@@ -91,6 +91,16 @@ static GRL_INLINE T row_dot(const T* x, const T* y, int64_t n) {
   return s;
 }
 
+// Rows' sums of squares, row_dot(x, x, d), to out[0], out[1], ... in the order pushed
+// (the float32 AVX-512 copy below reduces 16 rows at a time, with the same bits).
+template <typename acc_t>
+struct SumSqRows {
+  acc_t* out;
+  explicit SumSqRows(acc_t* o) : out(o) {}
+  GRL_INLINE void push_row(const acc_t* x, int64_t d) { *out++ = row_dot(x, x, d); }
+  GRL_INLINE void finish() {}
+};
+
 #if GRL_ISA_LEVEL >= 2
 // float32 rows on AVX-512, written with intrinsics: the generic loops above compile to
 // 8-lane ymm code (GCC's 256-bit preference for AVX-512 targets) or, for the max, to 16
@@ -165,6 +175,69 @@ static GRL_INLINE float row_dot(const float* x, const float* y, int64_t n) {
   }
   return _mm512_reduce_add_ps(s);
 }
+
+// The 16 lane partials of row_dot(x, x, d) (its FMA chain, before the reduction).
+static GRL_INLINE __m512 row_sumsq16(const float* x, int64_t d) {
+  __m512 s = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= d; j += 16) {
+    const __m512 v = _mm512_loadu_ps(x + j);
+    s = _mm512_fmadd_ps(v, v, s);
+  }
+  if (j < d) {
+    const __mmask16 k = tail_mask16(d - j);
+    const __m512 v = _mm512_maskz_loadu_ps(k, x + j);
+    s = _mm512_fmadd_ps(v, v, s);
+  }
+  return s;
+}
+
+// Lane r = _mm512_reduce_add_ps(p[r]), bit for bit, for 16 vectors at once: GCC's reduction adds
+// lane i to lane i + 8, then i + 4, i + 2 and i + 1 (float addition commutes exactly, so only this
+// pairing matters); here each level pairs the same lanes of two rows' partials in one add (15 adds
+// and 30 shuffles for 16 rows instead of 64 dependent steps).
+static GRL_INLINE __m512 reduce_add_16rows(const __m512 (&p)[16]) {
+  __m512 t1[8], t2[4], t3[2];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k)  // rows 2k, 2k + 1: their 8 partials a_i + a_(i+8) in each half
+    t1[k] = _mm512_add_ps(_mm512_shuffle_f32x4(p[2 * k], p[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_f32x4(p[2 * k], p[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m)  // rows 4m .. 4m + 3, one per 128-bit lane: + i + 4
+    t2[m] = _mm512_add_ps(_mm512_shuffle_f32x4(t1[2 * m], t1[2 * m + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                          _mm512_shuffle_f32x4(t1[2 * m], t1[2 * m + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+#pragma GCC unroll 2
+  for (int n = 0; n < 2; ++n)  // + i + 2: 128-bit lane l holds rows 8n + l (elements 0, 1) and 8n + 4 + l
+    t3[n] = _mm512_add_ps(_mm512_shuffle_ps(t2[2 * n], t2[2 * n + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                          _mm512_shuffle_ps(t2[2 * n], t2[2 * n + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // + i + 1: element 4l + e holds row l + 4e; back to row order
+  const __m512 t4 = _mm512_add_ps(_mm512_shuffle_ps(t3[0], t3[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_ps(t3[0], t3[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), t4);
+}
+
+// SumSqRows of float32 rows: row_dot's 16 lane partials per row, reduced 16 rows at a time
+// (finish() writes a last partial group).
+template <>
+struct SumSqRows<float> {
+  __m512 part[16];
+  int k = 0;
+  float* out;
+  explicit SumSqRows(float* o) : out(o) {}
+  GRL_INLINE void push(__m512 p) {
+    part[k++] = p;
+    if (k == 16) flush();
+  }
+  GRL_INLINE void push_row(const float* x, int64_t d) { push(row_sumsq16(x, d)); }
+  GRL_INLINE void flush() {
+    if (k == 0) return;
+    for (int r = k; r < 16; ++r) part[r] = _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(out, tail_mask16(k), reduce_add_16rows(part));
+    out += k;
+    k = 0;
+  }
+  GRL_INLINE void finish() { flush(); }
+};
 
 // 16 floats -> bf16 bits, round to nearest even, NaN kept quiet (float_to_bf16_bits per lane)
 static GRL_INLINE __m256i bf16_bits16(__m512 v) {
@@ -701,6 +774,7 @@ static GRL_INLINE void add_region_mask(float* row, const int* ids, int id, int64
 // then the tree reduce). Rows are prefetched kPrefetch ahead (scattered over the image).
 static GRL_INLINE void gather_bf16_rows(const uint16_t* base, const int64_t* pos, int64_t n, int64_t sl, int64_t d,
                                         uint16_t* __restrict dst, int64_t ldd, float* __restrict ss) {
+  SumSqRows<float> sums(ss);
   for (int64_t j = 0; j < std::min(kPrefetch, n); ++j) prefetch_row(base + pos[j] * sl, d, 1);
   for (int64_t j = 0; j < n; ++j) {
     if (j + kPrefetch < n) prefetch_row(base + pos[j + kPrefetch] * sl, d, 1);
@@ -713,8 +787,9 @@ static GRL_INLINE void gather_bf16_rows(const uint16_t* base, const int64_t* pos
       const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
       acc = _mm512_fmadd_ps(f, f, acc);
     }
-    if (ss) ss[j] = _mm512_reduce_add_ps(acc);
+    if (ss) sums.push(acc);
   }
+  if (ss) sums.finish();
 }
 
 // x[j] = 1 / max(sqrt(x[j]), eps) for j < n (sums of squares in, inv_norm's value out)

@@ -227,11 +227,13 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
     }
 #endif
     if (!raw_done) {
+      SumSqRows<acc_t> ss(xn.data());  // raw k in the tile, 1 / |k| applied to the dot products
       gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
-        xn[jj] = row_dot(r, r, d);  // raw k in the tile, 1 / |k| applied to the dot products
+        ss.push_row(r, d);
         to_tile_row(r, kt, d);
         for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = kt[c];
       });
+      ss.finish();
       inv_norms_of_sumsq(xn.data(), nb);
     }
     gather_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
@@ -310,10 +312,12 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
     }
 #endif
     if (!raw_done) {
+      SumSqRows<acc_t> ss(xn.data());
       gather_tokens(A, TB, b, h, 0, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
-        xn[jj] = row_dot(r, r, d);
+        ss.push_row(r, d);
         to_tile_row(r, qA.data() + jj * dk, d);
       });
+      ss.finish();
       inv_norms_of_sumsq(xn.data(), nb);
     }
     for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(out + (b * g.H * g.W + TB.pos[jj]) * A.C + h * d, d);
@@ -579,14 +583,17 @@ void stripe_backward_task_bf16(const StripeArgs<scalar_t, acc_t>& A, int64_t tas
   for (int64_t jb = 0; jb < n1; jb += kBlock) {
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
+    SumSqRows<acc_t> ssq(xinv.data());  // 1 / |q| (inv_norm's bits) after the gather
     gather_tokens(A, TB, b, h, 0, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
-      xinv[jj] = inv_norm(r, d);
+      ssq.push_row(r, d);
       for (int64_t c = 0; c < d; ++c) xr[c] = Lay::from(r[c]), qT[c * kBlock + jj] = xr[c];
       std::memcpy(qA.data() + jj * dk, xr, dk * sizeof(T));
       acc_t* qh = xb.data() + jj * dp;  // q_hat row (and |q|) for the normalize backward
       for (int64_t c = 0; c < d; ++c) qh[c] = r[c];
       xn[jj] = normalize_inplace(qh, d);
     });
+    ssq.finish();
+    inv_norms_of_sumsq(xinv.data(), nb);
     const scalar_t* gbase = gout + b * L * C + h * d;
     for (int64_t jj = 0; jj < std::min(kPrefetch, nb); ++jj) prefetch_row(gbase + TB.pos[jj] * C, d, 1);
     for (int64_t jj = 0; jj < nb; ++jj) {
@@ -642,8 +649,9 @@ void stripe_backward_task_bf16(const StripeArgs<scalar_t, acc_t>& A, int64_t tas
   auto block = [&](int64_t jb, bool full) {  // full: also the k_hat rows and raw k (not needed for D1)
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
+    SumSqRows<acc_t> ssk(xinv.data());  // 1 / |k| (inv_norm's bits) after the gather
     gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
-      xinv[jj] = inv_norm(r, d);
+      ssk.push_row(r, d);
       for (int64_t c = 0; c < d; ++c) xr[c] = Lay::from(r[c]);
       for (int64_t p = 0; p < dk / 2; ++p) std::memcpy(kB32 + p * kBlock + jj, xr + 2 * p, sizeof(uint32_t));
       if (!full) return;
@@ -653,6 +661,8 @@ void stripe_backward_task_bf16(const StripeArgs<scalar_t, acc_t>& A, int64_t tas
       for (int64_t c = 0; c < d; ++c) kh[c] = r[c];
       xn[jj] = normalize_inplace(kh, d);
     });
+    ssk.finish();
+    inv_norms_of_sumsq(xinv.data(), nb);
     for (int64_t jj = nb; jj < kBlock; ++jj)  // a short last block: zero columns in the tile
       for (int64_t p = 0; p < dk / 2; ++p) kB32[p * kBlock + jj] = 0;
     load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));
@@ -792,14 +802,17 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
   auto block = [&](int64_t jb, bool khat) {  // khat: also the k_hat rows (not needed to sum D1 alone)
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
+    SumSqRows<acc_t> ssk(kinv.data());  // 1 / |k| (inv_norm's bits) after the gather
     gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
-      kinv[jj] = inv_norm(r, d);
+      ssk.push_row(r, d);
       for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = Lay::from(r[c]);
       if (!khat) return;
       acc_t* kh = xb.data() + jj * dp;  // k_hat row (and |k|) for the gradient products
       for (int64_t c = 0; c < d; ++c) kh[c] = r[c];
       xn[jj] = normalize_inplace(kh, d);
     });
+    ssk.finish();
+    inv_norms_of_sumsq(kinv.data(), nb);
     for (int64_t jj = nb; jj < kBlock; ++jj)  // a short last block: zero columns in the tile
       for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = T(0);
     load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));

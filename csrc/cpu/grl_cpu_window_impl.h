@@ -206,13 +206,16 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, int
 #endif
   if (!gathered) {
     T qb[kMaxStackD + 2], kb[kMaxStackD + 2], vb[kMaxStackD + 2];
+    SumSqRows<acc_t> ssq(qinv), ssk(kinv);
     gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
-      qinv[j] = row_dot(q, q, d);
-      kinv[j] = row_dot(k, k, d);
+      ssq.push_row(q, d);
+      ssk.push_row(k, d);
       to_tile_row(q, qb, d), to_tile_row(k, kb, d), to_tile_row(v, vb, d);
       std::memcpy(qA + j * dk, qb, d * sizeof(T));
       for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, j, np)] = kb[c], vB[Lay::bidx(j, c, dp)] = vb[c];
     });
+    ssq.finish();
+    ssk.finish();
     inv_norms_of_sumsq(qinv, n);
     inv_norms_of_sumsq(kinv, n);
   }
