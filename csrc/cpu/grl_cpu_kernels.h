@@ -878,11 +878,13 @@ static GRL_INLINE __m512 logit16(__m512 sc, __m512 dots, __m512 bias, const int*
   return x;
 }
 
-template <int NV, int R, typename U, typename Bias>
-static GRL_INLINE void softmax_rows_regs(const Bias& bias, const float* dots, int64_t ld, const int* key_ids,
-                                         const int* row_ids, bool masked, const float* s, const float* colscale, U* out,
-                                         int64_t ldo) {
-  __m512 x[R][NV], cs[NV], mx[R], sum[R];
+// R rows of 16 NV logits into registers, x[r][v] = logit16(s[r] colscale, dots_r, bias(r, v)), and
+// each row's lane maxima mx[r] (row_max's order: a NaN x keeps the max).
+template <int NV, int R, typename Bias>
+static GRL_INLINE void logit_rows_regs(const Bias& bias, const float* dots, int64_t ld, const int* key_ids,
+                                       const int* row_ids, bool masked, const float* s, const float* colscale,
+                                       __m512 (&x)[R][NV], __m512 (&mx)[R]) {
+  __m512 cs[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) cs[v] = _mm512_loadu_ps(colscale + 16 * v);
 #pragma GCC unroll 4
@@ -894,9 +896,17 @@ static GRL_INLINE void softmax_rows_regs(const Bias& bias, const float* dots, in
     for (int v = 0; v < NV; ++v) {
       x[r][v] = logit16(_mm512_mul_ps(sv, cs[v]), _mm512_loadu_ps(dots + r * ld + 16 * v), bias(r, v), key_ids + 16 * v,
                         ri, masked);
-      mx[r] = _mm512_max_ps(x[r][v], mx[r]);  // row_max's order: a NaN x keeps the max
+      mx[r] = _mm512_max_ps(x[r][v], mx[r]);
     }
   }
+}
+
+template <int NV, int R, typename U, typename Bias>
+static GRL_INLINE void softmax_rows_regs(const Bias& bias, const float* dots, int64_t ld, const int* key_ids,
+                                         const int* row_ids, bool masked, const float* s, const float* colscale, U* out,
+                                         int64_t ldo) {
+  __m512 x[R][NV], mx[R], sum[R];
+  logit_rows_regs<NV, R>(bias, dots, ld, key_ids, row_ids, masked, s, colscale, x, mx);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]));
@@ -961,21 +971,8 @@ template <int NV, int R, typename Bias>
 static GRL_INLINE void online_rows_regs(const Bias& bias, const float* dots, int64_t ld, const int* key_ids,
                                         const int* row_ids, bool masked, const float* s, const float* colscale,
                                         float* out, int64_t ldo, float* m, float* l, float* corr) {
-  __m512 x[R][NV], cs[NV], mv[R], sum[R];
-#pragma GCC unroll 4
-  for (int v = 0; v < NV; ++v) cs[v] = _mm512_loadu_ps(colscale + 16 * v);
-#pragma GCC unroll 4
-  for (int r = 0; r < R; ++r) {
-    const __m512 sv = _mm512_set1_ps(s[r]);
-    const __m512i ri = _mm512_set1_epi32(row_ids[r]);
-    mv[r] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      x[r][v] = logit16(_mm512_mul_ps(sv, cs[v]), _mm512_loadu_ps(dots + r * ld + 16 * v), bias(r, v), key_ids + 16 * v,
-                        ri, masked);
-      mv[r] = _mm512_max_ps(x[r][v], mv[r]);
-    }
-  }
+  __m512 x[R][NV], mv[R], sum[R];
+  logit_rows_regs<NV, R>(bias, dots, ld, key_ids, row_ids, masked, s, colscale, x, mv);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const float bm = _mm512_reduce_max_ps(mv[r]);
