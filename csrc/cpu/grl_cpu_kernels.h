@@ -165,7 +165,8 @@ static GRL_INLINE float exp_shift_sum(float* x, int64_t n, float mx) {
 
 // Dot product in 16 lanes (the generic row_dot's 16 partials came back as a serial chain of
 // 16 scalar adds: 13 % of a window-8 forward, in the norms of d = 16 rows).
-static GRL_INLINE float row_dot(const float* x, const float* y, int64_t n) {
+// row_dot16: the 16 lane partials (one FMA chain), before the reduction.
+static GRL_INLINE __m512 row_dot16(const float* x, const float* y, int64_t n) {
   __m512 s = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(y + j), s);
@@ -173,23 +174,11 @@ static GRL_INLINE float row_dot(const float* x, const float* y, int64_t n) {
     const __mmask16 k = tail_mask16(n - j);
     s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, x + j), _mm512_maskz_loadu_ps(k, y + j), s);
   }
-  return _mm512_reduce_add_ps(s);
+  return s;
 }
 
-// The 16 lane partials of row_dot(x, x, d) (its FMA chain, before the reduction).
-static GRL_INLINE __m512 row_sumsq16(const float* x, int64_t d) {
-  __m512 s = _mm512_setzero_ps();
-  int64_t j = 0;
-  for (; j + 16 <= d; j += 16) {
-    const __m512 v = _mm512_loadu_ps(x + j);
-    s = _mm512_fmadd_ps(v, v, s);
-  }
-  if (j < d) {
-    const __mmask16 k = tail_mask16(d - j);
-    const __m512 v = _mm512_maskz_loadu_ps(k, x + j);
-    s = _mm512_fmadd_ps(v, v, s);
-  }
-  return s;
+static GRL_INLINE float row_dot(const float* x, const float* y, int64_t n) {
+  return _mm512_reduce_add_ps(row_dot16(x, y, n));
 }
 
 // Lane r = _mm512_reduce_add_ps(p[r]), bit for bit, for 16 vectors at once: GCC's reduction adds
@@ -228,7 +217,7 @@ struct SumSqRows<float> {
     part[k++] = p;
     if (k == 16) flush();
   }
-  GRL_INLINE void push_row(const float* x, int64_t d) { push(row_sumsq16(x, d)); }
+  GRL_INLINE void push_row(const float* x, int64_t d) { push(row_dot16(x, x, d)); }
   GRL_INLINE void flush() {
     if (k == 0) return;
     for (int r = k; r < 16; ++r) part[r] = _mm512_setzero_ps();

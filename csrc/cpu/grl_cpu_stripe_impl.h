@@ -88,6 +88,15 @@ struct TokenBlock {
   }
 };
 
+#if GRL_ISA_LEVEL >= 2
+// 16 entries of a reversed bias-table row (base) for the 16 tokens idx[0..15] of a block: one load
+// when they are consecutive entries (window rows of 16 or more tokens: a 16-aligned vector of the
+// block never crosses a row), else a gather.
+static GRL_INLINE __m512 stage1_bias16(const float* base, const int32_t* idx, bool runs) {
+  return runs ? _mm512_loadu_ps(base + idx[0]) : _mm512_i32gather_ps(_mm512_loadu_si512(idx), base, 4);
+}
+#endif
+
 // Stage-1 logits of anchor row i over a token block, in place (cosines in, logits out):
 // tau1 * cos + B1[abase_i - toff_j] + mask, the bias read as contiguous runs of the
 // reversed table rb1.
@@ -248,20 +257,11 @@ void stripe_forward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, sca
         const float* base0 = rb1 + (g.table_rows - 1);
         const int64_t* ab = AT.abase.data();
         const int32_t* to = TB.toff32.data();
-        // stage1_logits' bias: window rows of 16 or more tokens as contiguous runs (a 16-token
-        // vector never crosses a row then), shorter ones gathered
-        auto run_bias = [=](int64_t r, int v) { return _mm512_loadu_ps(base0 - ab[r] + to[16 * v]); };
-        auto gather_bias = [=](int64_t r, int v) {
-          return _mm512_i32gather_ps(_mm512_loadu_si512(to + 16 * v), base0 - ab[r], 4);
-        };
-        const int nv = static_cast<int>(nb / 16);
+        const bool runs = g.sw % 16 == 0;  // stage1_logits' bias runs
+        auto bias = [=](int64_t r, int v) { return stage1_bias16(base0 - ab[r], to + 16 * v, runs); };
         float* rows = S.data();
-        if (g.sw % 16 == 0)
-          online_block_regs_nv(nv, run_bias, rows, kBlock, n2, TB.tid.data(), AT.aid.data(), g.shifted, sc1.data(),
-                               xn.data(), rows, kBlock, m.data(), l.data(), zcorr.data());
-        else
-          online_block_regs_nv(nv, gather_bias, rows, kBlock, n2, TB.tid.data(), AT.aid.data(), g.shifted, sc1.data(),
-                               xn.data(), rows, kBlock, m.data(), l.data(), zcorr.data());
+        online_block_regs_nv(static_cast<int>(nb / 16), bias, rows, kBlock, n2, TB.tid.data(), AT.aid.data(), g.shifted,
+                             sc1.data(), xn.data(), rows, kBlock, m.data(), l.data(), zcorr.data());
         for (int64_t i = 0; i < n2; ++i) {
           acc_t* zr = Z.data() + i * dp;
           for (int64_t c = 0; c < dp; ++c) zr[c] *= zcorr[i];
@@ -435,8 +435,7 @@ GRL_INLINE void stage1_row_probs(const StripeGeom& g, float tau1, const float* r
   for (int64_t j = 0; j < TB.nb; j += 16) {
     const __m512 kv = _mm512_loadu_ps(kinv + j), dot = _mm512_loadu_ps(pr + j);
     _mm512_storeu_ps(cr + j, _mm512_mul_ps(_mm512_mul_ps(av, kv), dot));  // cos
-    const __m512 bias = runs ? _mm512_loadu_ps(base + to[j]) : _mm512_i32gather_ps(_mm512_loadu_si512(to + j), base, 4);
-    const __m512 x = logit16(_mm512_mul_ps(sv, kv), dot, bias, TB.tid.data() + j, ri, g.shifted);
+    const __m512 x = logit16(_mm512_mul_ps(sv, kv), dot, stage1_bias16(base, to + j, runs), TB.tid.data() + j, ri, g.shifted);
     _mm512_storeu_ps(pr + j, _mm512_mul_ps(exp_fast16(_mm512_sub_ps(x, mv)), ilv));
   }
 }
