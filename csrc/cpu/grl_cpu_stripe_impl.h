@@ -154,7 +154,8 @@ GRL_INLINE void softmax_inplace(acc_t* row, int64_t n) {
 // Token rows of part `part` (0 q, 1 k, 2 v) of a block, read in place from qkv (prefetched
 // kPrefetch tokens ahead: window rows are scattered over the image and qkv rows are 3C or
 // more apart, which the hardware prefetcher does not follow), converted to acc_t and
-// handed to emit(jj, row) (normalized first when norms != nullptr).
+// handed to emit(jj, row) (normalized first when norms != nullptr; rows already in acc_t
+// with channel stride 1 and no norms are handed over in place).
 template <typename scalar_t, typename acc_t, typename Emit>
 GRL_INLINE void gather_tokens(const StripeArgs<scalar_t, acc_t>& A, const TokenBlock& T, int64_t b, int64_t h,
                               int part, acc_t* norms, const Emit& emit) {
@@ -164,6 +165,12 @@ GRL_INLINE void gather_tokens(const StripeArgs<scalar_t, acc_t>& A, const TokenB
   for (int64_t jj = 0; jj < std::min(kPrefetch, T.nb); ++jj) prefetch_row(base + T.pos[jj] * A.vq.sl, d, A.vq.sc);
   for (int64_t jj = 0; jj < T.nb; ++jj) {
     if (jj + kPrefetch < T.nb) prefetch_row(base + T.pos[jj + kPrefetch] * A.vq.sl, d, A.vq.sc);
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {
+      if (!norms && A.vq.sc == 1) {  // float rows read in place: no copy through tmp
+        emit(jj, static_cast<const acc_t*>(base + T.pos[jj] * A.vq.sl));
+        continue;
+      }
+    }
     load_row(base + T.pos[jj] * A.vq.sl, A.vq.sc, d, tmp);
     if (norms) norms[jj] = normalize_inplace(tmp, d);
     emit(jj, static_cast<const acc_t*>(tmp));
