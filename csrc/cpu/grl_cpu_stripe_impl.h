@@ -593,7 +593,7 @@ void stripe_backward_task_bf16(const StripeArgs<scalar_t, acc_t>& A, int64_t tas
     gather_tokens(A, TB, b, h, 0, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
       ssq.push_row(r, d);
       for (int64_t c = 0; c < d; ++c) xr[c] = Lay::from(r[c]), qT[c * kBlock + jj] = xr[c];
-      std::memcpy(qA.data() + jj * dk, xr, dk * sizeof(T));
+      for (int64_t c = 0; c < dk; ++c) qA[jj * dk + c] = xr[c];  // a loop: memcpy of run-time length is a libc call
       acc_t* qh = xb.data() + jj * dp;  // q_hat row (and |q|) for the normalize backward
       for (int64_t c = 0; c < d; ++c) qh[c] = r[c];
       xn[jj] = normalize_inplace(qh, d);

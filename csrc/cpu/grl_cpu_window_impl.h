@@ -205,13 +205,13 @@ void window_forward_task(const WindowArgs<scalar_t, acc_t>& A, int64_t task, int
   }
 #endif
   if (!gathered) {
-    T qb[kMaxStackD + 2], kb[kMaxStackD + 2], vb[kMaxStackD + 2];
+    T kb[kMaxStackD + 2], vb[kMaxStackD + 2];
     SumSqRows<acc_t> ssq(qinv), ssk(kinv);
     gather_window(A, I, b, h, [&](int64_t j, acc_t* q, acc_t* k, const acc_t* v) {
       ssq.push_row(q, d);
       ssk.push_row(k, d);
-      to_tile_row(q, qb, d), to_tile_row(k, kb, d), to_tile_row(v, vb, d);
-      std::memcpy(qA + j * dk, qb, d * sizeof(T));
+      // (q straight into its tile row: a std::memcpy of run-time length is a libc call per token)
+      to_tile_row(q, qA + j * dk, d), to_tile_row(k, kb, d), to_tile_row(v, vb, d);
       for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, j, np)] = kb[c], vB[Lay::bidx(j, c, dp)] = vb[c];
     });
     ssq.finish();
@@ -320,7 +320,7 @@ void window_backward_task_bf16(const WindowArgs<scalar_t, acc_t>& A, int64_t tas
     kinv[j] = inv_norm(k, d);
     tkinv[j] = tau * kinv[j];
     bf16_bits_row(q, qb, d), bf16_bits_row(k, kb, d), bf16_bits_row(v, vb, d);
-    std::memcpy(qA.data() + j * dk, qb, dk * sizeof(T));
+    for (int64_t c = 0; c < dk; ++c) qA[j * dk + c] = qb[c];  // a loop: memcpy of run-time length is a libc call
     for (int64_t p = 0; p < dk / 2; ++p) {
       std::memcpy(kB32 + p * np + j, kb + 2 * p, sizeof(uint32_t));
       std::memcpy(vB32 + p * np + j, vb + 2 * p, sizeof(uint32_t));
