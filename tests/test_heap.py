@@ -243,3 +243,49 @@ def test_block_cache_reuses_bounds_and_gives_back():
 def test_block_cache_disabled_by_env():
     r = _run_checks({"GRL_KERNELS_BLOCK_CACHE": "0"})
     assert r["s1"] == {"installed": 0}
+
+
+# The backwards' qkv gradient (written whole by the kernels) is advised for transparent huge pages
+# (advise_huge_pages, csrc/cpu/grl_cpu_common.h). A 50 MiB gradient (window 8 at 256 x 256, 2 heads
+# of 32) is a fresh mmap each call: about 12800 faults of 4 KiB, or a few dozen of 2 MiB.
+_HUGEPAGE_CHECK = r"""
+import resource, torch
+from grl_kernels.backends import cpu_backend
+from grl_kernels.geometry import window_geometry
+torch.set_num_threads(1)
+g = window_geometry((256, 256), 8, True)
+qkv = torch.randn(1, 256 * 256, 3 * 64, requires_grad=True)
+tau = (torch.rand(2) + 1).requires_grad_()
+bias = torch.rand(g.table_rows, 2).requires_grad_()
+out = cpu_backend.window(qkv, g, 2, tau, bias)
+go = torch.randn_like(out)
+torch.autograd.grad(out, [qkv, tau, bias], go, retain_graph=True)  # warm-up
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.autograd.grad(out, [qkv, tau, bias], go, retain_graph=True)
+print("FAULTS", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+def _thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            return fh.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _backward_faults(env):
+    r = subprocess.run([sys.executable, "-c", _HUGEPAGE_CHECK], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return int(next(ln for ln in r.stdout.splitlines() if ln.startswith("FAULTS ")).split()[1])
+
+
+@pytest.mark.skipif(not _have_cpu_extension(), reason="compiled CPU extension not available")
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="transparent huge pages are not in madvise mode here")
+def test_backward_gradient_on_huge_pages():
+    pages = 256 * 256 * 3 * 64 * 4 // 4096  # 4 KiB pages of the qkv gradient
+    advised = _backward_faults({})
+    plain = _backward_faults({"GRL_KERNELS_HUGEPAGES": "0"})
+    assert plain > pages * 0.9, f"without the advice the gradient is faulted in 4 KiB at a time: {plain}"
+    assert advised < pages // 4, f"advised, the gradient should fault in 2 MiB at a time: {advised} of {pages} pages"

@@ -194,6 +194,7 @@ std::vector<at::Tensor> stripe_backward(const at::Tensor& grad_out, const at::Te
   check_backward_inputs(grad_out, qkv, zsave, stat1save, g, nh);
   const int64_t B = qkv.size(0), C = qkv.size(2) / 3;
   auto gqkv = at::empty({B, g.H * g.W, 3 * C}, qkv.options());
+  advise_huge_pages(gqkv);  // written whole by the tasks: fault it in 2 MiB at a time
   auto ganc = at::empty({B, g.Ha, g.Wa, C}, qkv.options());
   const auto part = chunk_partials(qkv, g, nh);
   stripe_backward_run(grad_out, qkv, anchor, tau1, bias1, tau2, bias2, zsave, stat1save, g, nh, gqkv, ganc, part[0],

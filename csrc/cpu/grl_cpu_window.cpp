@@ -175,6 +175,7 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad_out, const at::Te
   check_grad_out(grad_out, qkv, g);
   const int64_t B = qkv.size(0), C = qkv.size(2) / 3;
   auto gqkv = at::empty({B, g.H * g.W, 3 * C}, qkv.options());
+  advise_huge_pages(gqkv);  // written whole by the tasks: fault it in 2 MiB at a time
   const auto part = chunk_partials(qkv, g, nh);
   window_backward_run(grad_out, qkv, tau, bias, g, nh, gqkv, part[0], part[1], {0, B * g.num_windows * nh});
   return {gqkv, part[0].sum(0), part[1].sum(0).flip({1})};  // the kernels accumulate in reversed table order
