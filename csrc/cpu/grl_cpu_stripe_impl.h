@@ -471,42 +471,43 @@ GRL_INLINE float stage1_row_backward(const StripeGeom& g, const TokenBlock& TB, 
 }
 #endif
 
-// A buffer one stage-1 block fills (kept between pass B's sweeps).
+// A buffer one stage-1 block fills (kept between pass B's sweeps): the task's own, and its size.
 struct BlockBuf {
-  void* p;
+  void* home;
   int64_t bytes;
 };
 
-// Pass B's two sweeps over the token blocks. block(jb, full) fills one block's buffers (P and dP:
-// n2 rows of stride kBlock; full: also those only the gradients need) and returns nb.
+// Pass B's two sweeps over the token blocks. block(jb, full, buf) fills one block's buffers
+// (buf[k]: where buffer k is this time; buffers 0 and 1 are P and dP, n2 rows of stride kBlock;
+// full: also those only the gradients need) and returns nb; grad(nb, buf) reads them.
 // D1 = sum_j P dP over the recomputed rows (as the reference's softmax backward), in a first
 // sweep: dZ . Z (Z from the forward's online softmax) differs from it by rounding that tau1
 // amplifies in every dS of the row (anchor gradients at tau 100: 10-40x the reference's error).
-// Windows whose blocks fit kStage1CacheFloats keep the first sweep's bufs (per-thread scratch,
-// <= 512 KB, L2-resident) and the second sweep reads them back instead of recomputing (GRL-T/S
-// stripes 8 x 64 with f = 4: 32 x 512 per window); it hands grad(nb) each block.
+// Windows whose blocks fit kStage1CacheFloats keep the first sweep's buffers (per-task scratch,
+// <= 512 KB, L2-resident; GRL-T/S stripes 8 x 64 with f = 4: 32 x 512 per window) and the
+// second sweep reads them instead of recomputing: each block fills its own slot of that cache
+// (zeroed, as the task's buffers start), so nothing is copied in or out.
 template <typename acc_t, int NB, typename Block, typename Grad>
 GRL_INLINE void stage1_sweeps(const StripeGeom& g, int64_t win, TokenBlock& TB, const BlockBuf (&bufs)[NB],
-                              const acc_t* P, const acc_t* dP, acc_t* D1, const Block& block, const Grad& grad) {
+                              acc_t* D1, const Block& block, const Grad& grad) {
   const int64_t n1 = g.n1, n2 = g.n2, nblocks = (n1 + kBlock - 1) / kBlock;
   int64_t per_block = 0;
-  for (const BlockBuf& x : bufs) per_block += x.bytes;
+  void* buf[NB];
+  for (int k = 0; k < NB; ++k) per_block += bufs[k].bytes, buf[k] = bufs[k].home;
   const bool cached = nblocks * per_block <= kStage1CacheFloats * static_cast<int64_t>(sizeof(acc_t));
   std::vector<char> cache(cached ? nblocks * per_block : 0);
-  auto keep = [&](int64_t blk, bool store) {  // store: scratch <- block buffers; else back
+  auto bind = [&](int64_t blk) {  // buf -> the block's slot of the cache
     char* base = cache.data() + blk * per_block;
-    for (const BlockBuf& x : bufs) {
-      if (store) std::memcpy(base, x.p, x.bytes);
-      else std::memcpy(x.p, base, x.bytes);
-      base += x.bytes;
-    }
+    for (int k = 0; k < NB; ++k) buf[k] = base, base += bufs[k].bytes;
   };
   {
     std::vector<double> dsum(n2, 0.0);
     for (int64_t jb = 0; jb < n1; jb += kBlock) {
-      const int64_t nb = block(jb, cached);
+      if (cached) bind(jb / kBlock);
+      const int64_t nb = block(jb, cached, static_cast<void* const*>(buf));
+      const acc_t* P = static_cast<const acc_t*>(buf[0]);
+      const acc_t* dP = static_cast<const acc_t*>(buf[1]);
       for (int64_t i = 0; i < n2; ++i) dsum[i] += row_dot(P + i * kBlock, dP + i * kBlock, nb);
-      if (cached) keep(jb / kBlock, true);
     }
     for (int64_t i = 0; i < n2; ++i) D1[i] = static_cast<acc_t>(dsum[i]);
   }
@@ -515,11 +516,11 @@ GRL_INLINE void stage1_sweeps(const StripeGeom& g, int64_t win, TokenBlock& TB, 
     if (cached) {
       TB.index(g, win, jb);
       nb = TB.nb;
-      keep(jb / kBlock, false);
+      bind(jb / kBlock);
     } else {
-      nb = block(jb, true);
+      nb = block(jb, true, static_cast<void* const*>(buf));
     }
-    grad(nb);
+    grad(nb, static_cast<void* const*>(buf));
   }
 }
 
@@ -652,67 +653,78 @@ void stripe_backward_task_bf16(const StripeArgs<scalar_t, acc_t>& A, int64_t tas
   std::vector<acc_t> vT(d * kBlock), P(n2 * kBlock), dP(n2 * kBlock), cs(n2 * kBlock), dKT(d * kBlock), dVT(d * kBlock);
   // In the K = d tile the VNNI pair (2p, 2p + 1) of column jj is 32-bit word p of row jj.
   uint32_t* kB32 = reinterpret_cast<uint32_t*>(kB.data());
-  auto block = [&](int64_t jb, bool full) {  // full: also the k_hat rows and raw k (not needed for D1)
+  // pass B's block buffers (stage1_sweeps: buf[k] is where buffer k is for this block)
+  constexpr int64_t F = sizeof(acc_t);
+  const BlockBuf bufs[] = {{P.data(), n2 * kBlock * F}, {dP.data(), n2 * kBlock * F}, {cs.data(), n2 * kBlock * F},
+                           {xb.data(), kBlock * dp * F}, {xn.data(), kBlock * F}, {xinv.data(), kBlock * F},
+                           {kR.data(), kBlock * dp * 2}};
+  struct Bufs {  // typed view of buf
+    acc_t *P, *dP, *cs, *xb, *xn, *xinv;
+    T* kR;
+    explicit Bufs(void* const* b)
+        : P(static_cast<acc_t*>(b[0])), dP(static_cast<acc_t*>(b[1])), cs(static_cast<acc_t*>(b[2])),
+          xb(static_cast<acc_t*>(b[3])), xn(static_cast<acc_t*>(b[4])), xinv(static_cast<acc_t*>(b[5])),
+          kR(static_cast<T*>(b[6])) {}
+  };
+  auto block = [&](int64_t jb, bool full, void* const* buf) {  // full: also the k_hat rows and raw k (not needed for D1)
+    const Bufs u(buf);
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
-    SumSqRows<acc_t> ssk(xinv.data());  // 1 / |k| (inv_norm's bits) after the gather
+    SumSqRows<acc_t> ssk(u.xinv);  // 1 / |k| (inv_norm's bits) after the gather
     gather_tokens(A, TB, b, h, 1, static_cast<acc_t*>(nullptr), [&](int64_t jj, const acc_t* r) {
       ssk.push_row(r, d);
       for (int64_t c = 0; c < d; ++c) xr[c] = Lay::from(r[c]);
       for (int64_t p = 0; p < dk / 2; ++p) std::memcpy(kB32 + p * kBlock + jj, xr + 2 * p, sizeof(uint32_t));
       if (!full) return;
-      T* kr = kR.data() + Lay::bidx(jj, 0, dp);
+      T* kr = u.kR + Lay::bidx(jj, 0, dp);
       for (int64_t c = 0; c < d; ++c) kr[2 * c] = xr[c];
-      acc_t* kh = xb.data() + jj * dp;  // k_hat row (and |k|) for the normalize backward
+      acc_t* kh = u.xb + jj * dp;  // k_hat row (and |k|) for the normalize backward
       for (int64_t c = 0; c < d; ++c) kh[c] = r[c];
-      xn[jj] = normalize_inplace(kh, d);
+      u.xn[jj] = normalize_inplace(kh, d);
     });
     ssk.finish();
-    inv_norms_of_sumsq(xinv.data(), nb);
+    inv_norms_of_sumsq(u.xinv, nb);
     for (int64_t jj = nb; jj < kBlock; ++jj)  // a short last block: zero columns in the tile
       for (int64_t p = 0; p < dk / 2; ++p) kB32[p * kBlock + jj] = 0;
     load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));
     if (full && (nb & 1)) {  // the K pad row of da
-      T* kr = kR.data() + Lay::bidx(nb, 0, dp);
+      T* kr = u.kR + Lay::bidx(nb, 0, dp);
       for (int64_t c = 0; c < d; ++c) kr[2 * c] = T(0);
     }
-    gemm_op<T, acc_t>(n2, pad16(nb), d, aA.data(), dk, kB.data(), kBlock, P.data(), kBlock, false);   // raw dots
-    gemm_op<acc_t, acc_t>(n2, pad16(nb), d, dZ.data(), dp, vT.data(), kBlock, dP.data(), kBlock, false);  // dZ v^T
+    gemm_op<T, acc_t>(n2, pad16(nb), d, aA.data(), dk, kB.data(), kBlock, u.P, kBlock, false);   // raw dots
+    gemm_op<acc_t, acc_t>(n2, pad16(nb), d, dZ.data(), dp, vT.data(), kBlock, u.dP, kBlock, false);  // dZ v^T
     for (int64_t i = 0; i < n2; ++i)
-      stage1_row_probs(g, tau1, rb1, AR.anorm[i], AR.abase[i], AR.aid[i], TB, xinv.data(), st[2 * i], st[2 * i + 1],
-                       P.data() + i * kBlock, cs.data() + i * kBlock);
+      stage1_row_probs(g, tau1, rb1, AR.anorm[i], AR.abase[i], AR.aid[i], TB, u.xinv, st[2 * i], st[2 * i + 1],
+                       u.P + i * kBlock, u.cs + i * kBlock);
     return nb;
   };
   // the k gradient row of block token jj (the v gradient row follows C elements later)
   auto kv_row = [&](int64_t jj) { return gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d; };
-  auto grad = [&](int64_t nb) {
+  auto grad = [&](int64_t nb, void* const* buf) {
+    const Bufs u(buf);
     for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(kv_row(jj), d), prefetch_row_for_write(kv_row(jj) + C, d);
     acc_t tk[kBlock];  // tau1 / |k_j|
-    for (int64_t jj = 0; jj < nb; ++jj) tk[jj] = tau1 * xinv[jj];
+    for (int64_t jj = 0; jj < nb; ++jj) tk[jj] = tau1 * u.xinv[jj];
     for (int64_t i = 0; i < n2; ++i) {
-      acc_t* dr = dP.data() + i * kBlock;
-      dt1 += stage1_row_backward(g, TB, AR.abase[i], D1[i], P.data() + i * kBlock, cs.data() + i * kBlock, dr, rdb1);
+      acc_t* dr = u.dP + i * kBlock;
+      dt1 += stage1_row_backward(g, TB, AR.abase[i], D1[i], u.P + i * kBlock, u.cs + i * kBlock, dr, rdb1);
       T* sa = dSA1.data() + i * kBlock;
       for (int64_t jj = 0; jj < nb; ++jj) sa[jj] = float_to_bf16_bits(tk[jj] * dr[jj]);
       if (nb & 1) sa[nb] = T(0);  // K pad of da
     }
     for (int64_t i = 0; i < n2; i += 2) {  // anchor rows (i, i + 1) -> one VNNI pair row
       const bool two = i + 1 < n2;
-      const acc_t* d1 = dP.data() + i * kBlock;
+      const acc_t* d1 = u.dP + i * kBlock;
       const acc_t s0 = tau1 * AR.anorm[i], s1 = two ? tau1 * AR.anorm[i + 1] : acc_t(0);
       pack_pair_bf16(d1, s0, two ? d1 + kBlock : nullptr, s1, nb, dSB1.data() + i * kBlock);
     }
     const int64_t nbp = pad16(nb);
-    gemm_op<T, acc_t>(n2, dp, nb, dSA1.data(), kBlock, kR.data(), dp, dA.data(), dp, true);          // da_hat
+    gemm_op<T, acc_t>(n2, dp, nb, dSA1.data(), kBlock, u.kR, dp, dA.data(), dp, true);          // da_hat
     gemm_op<T, acc_t>(d, nbp, n2, aTA.data(), n2k, dSB1.data(), kBlock, dKT.data(), kBlock, false);  // dk_hat^T
-    gemm_op<acc_t, acc_t>(d, nbp, n2, dZT.data(), n2p, P.data(), kBlock, dVT.data(), kBlock, false);  // dv^T
-    store_kv_grads_transposed(dKT.data(), dVT.data(), kBlock, nb, xb.data(), dp, xn.data(), d, C, kv_row);
+    gemm_op<acc_t, acc_t>(d, nbp, n2, dZT.data(), n2p, u.P, kBlock, dVT.data(), kBlock, false);  // dv^T
+    store_kv_grads_transposed(dKT.data(), dVT.data(), kBlock, nb, u.xb, dp, u.xn, d, C, kv_row);
   };
-  constexpr int64_t F = sizeof(acc_t);
-  const BlockBuf bufs[] = {{P.data(), n2 * kBlock * F}, {dP.data(), n2 * kBlock * F}, {cs.data(), n2 * kBlock * F},
-                           {xb.data(), kBlock * dp * F}, {xn.data(), kBlock * F}, {xinv.data(), kBlock * F},
-                           {kR.data(), kBlock * dp * 2}};
-  stage1_sweeps(g, win, TB, bufs, P.data(), dP.data(), D1.data(), block, grad);
+  stage1_sweeps(g, win, TB, bufs, D1.data(), block, grad);
   // ---- anchors: da_hat = pass B's rows + pass A's transposed sums
   acc_t dar[kMaxStackD];
   for (int64_t i = 0; i < n2; ++i) {
@@ -803,9 +815,20 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
   std::vector<acc_t> kinv(kBlock);
   for (int64_t i = 0; i < n2; ++i)
     for (int64_t c = 0; c < d; ++c) aA[i * dk + c] = Lay::from(AR.ahat[i * dp + c]);
+  // pass B's block buffers (stage1_sweeps: buf[k] is where buffer k is for this block)
+  constexpr int64_t F = sizeof(acc_t);
+  const BlockBuf bufs[] = {{P.data(), n2 * kBlock * F}, {dP.data(), n2 * kBlock * F}, {cs.data(), n2 * kBlock * F},
+                           {xb.data(), kBlock * dp * F}, {xn.data(), kBlock * F}};
+  struct Bufs {  // typed view of buf
+    acc_t *P, *dP, *cs, *xb, *xn;
+    explicit Bufs(void* const* b)
+        : P(static_cast<acc_t*>(b[0])), dP(static_cast<acc_t*>(b[1])), cs(static_cast<acc_t*>(b[2])),
+          xb(static_cast<acc_t*>(b[3])), xn(static_cast<acc_t*>(b[4])) {}
+  };
   // One token block: k_hat rows (xb, |k| in xn), v^T, the cosines (cs), the probabilities (P)
   // and dP = dZ v^T of every anchor row.
-  auto block = [&](int64_t jb, bool khat) {  // khat: also the k_hat rows (not needed to sum D1 alone)
+  auto block = [&](int64_t jb, bool khat, void* const* buf) {  // khat: also the k_hat rows (not needed to sum D1 alone)
+    const Bufs u(buf);
     TB.index(g, win, jb);
     const int64_t nb = TB.nb;
     SumSqRows<acc_t> ssk(kinv.data());  // 1 / |k| (inv_norm's bits) after the gather
@@ -813,43 +836,41 @@ void stripe_backward_task(const StripeArgs<scalar_t, acc_t>& A, int64_t task, co
       ssk.push_row(r, d);
       for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = Lay::from(r[c]);
       if (!khat) return;
-      acc_t* kh = xb.data() + jj * dp;  // k_hat row (and |k|) for the gradient products
+      acc_t* kh = u.xb + jj * dp;  // k_hat row (and |k|) for the gradient products
       for (int64_t c = 0; c < d; ++c) kh[c] = r[c];
-      xn[jj] = normalize_inplace(kh, d);
+      u.xn[jj] = normalize_inplace(kh, d);
     });
     ssk.finish();
     inv_norms_of_sumsq(kinv.data(), nb);
     for (int64_t jj = nb; jj < kBlock; ++jj)  // a short last block: zero columns in the tile
       for (int64_t c = 0; c < d; ++c) kB[Lay::bidx(c, jj, kBlock)] = T(0);
     load_tokens(A, TB, b, h, 2, static_cast<acc_t*>(nullptr), vT.data(), static_cast<acc_t*>(nullptr));
-    gemm_op<T, acc_t>(n2, pad16(nb), d, aA.data(), dk, kB.data(), kBlock, P.data(), kBlock, false);  // raw dots
-    gemm<acc_t>(n2, nb, d, acc_t(1), dZ.data(), dp, 1, vT.data(), kBlock, dP.data(), kBlock, false);       // dZ v^T
+    gemm_op<T, acc_t>(n2, pad16(nb), d, aA.data(), dk, kB.data(), kBlock, u.P, kBlock, false);  // raw dots
+    gemm<acc_t>(n2, nb, d, acc_t(1), dZ.data(), dp, 1, vT.data(), kBlock, u.dP, kBlock, false);       // dZ v^T
     for (int64_t i = 0; i < n2; ++i)
       stage1_row_probs(g, tau1, rb1, AR.anorm[i], AR.abase[i], AR.aid[i], TB, kinv.data(), st[2 * i], st[2 * i + 1],
-                       P.data() + i * kBlock, cs.data() + i * kBlock);
+                       u.P + i * kBlock, u.cs + i * kBlock);
     return nb;
   };
   // the k gradient row of block token jj (the v gradient row follows C elements later)
   auto kv_row = [&](int64_t jj) { return gqkv + (b * L + TB.pos[jj]) * 3 * C + C + h * d; };
-  auto grad = [&](int64_t nb) {
+  auto grad = [&](int64_t nb, void* const* buf) {
+    const Bufs u(buf);
     for (int64_t jj = 0; jj < nb; ++jj) prefetch_row_for_write(kv_row(jj), d), prefetch_row_for_write(kv_row(jj) + C, d);
     for (int64_t i = 0; i < n2; ++i)
-      dt1 += stage1_row_backward(g, TB, AT.abase[i], D1[i], P.data() + i * kBlock, cs.data() + i * kBlock,
-                                 dP.data() + i * kBlock, rdb1);
-    gemm<acc_t>(nb, dp, n2, acc_t(1), P.data(), 1, kBlock, dZ.data(), dp, dVb.data(), dp, false);     // dv = P^T dZ
-    gemm<acc_t>(nb, dp, n2, tau1, dP.data(), 1, kBlock, AT.ahat.data(), dp, dXb.data(), dp, false);  // dk_hat
-    gemm<acc_t>(n2, dp, nb, tau1, dP.data(), kBlock, 1, xb.data(), dp, dA.data(), dp, true);         // da_hat
+      dt1 += stage1_row_backward(g, TB, AT.abase[i], D1[i], u.P + i * kBlock, u.cs + i * kBlock,
+                                 u.dP + i * kBlock, rdb1);
+    gemm<acc_t>(nb, dp, n2, acc_t(1), u.P, 1, kBlock, dZ.data(), dp, dVb.data(), dp, false);     // dv = P^T dZ
+    gemm<acc_t>(nb, dp, n2, tau1, u.dP, 1, kBlock, AT.ahat.data(), dp, dXb.data(), dp, false);  // dk_hat
+    gemm<acc_t>(n2, dp, nb, tau1, u.dP, kBlock, 1, u.xb, dp, dA.data(), dp, true);         // da_hat
     for (int64_t jj = 0; jj < nb; ++jj) {
       acc_t* dkr = dXb.data() + jj * dp;
-      normalize_backward_inplace(dkr, xb.data() + jj * dp, xn[jj], d);
+      normalize_backward_inplace(dkr, u.xb + jj * dp, u.xn[jj], d);
       store_row(kv_row(jj), dkr, d);
       store_row(kv_row(jj) + C, dVb.data() + jj * dp, d);
     }
   };
-  constexpr int64_t F = sizeof(acc_t);
-  const BlockBuf bufs[] = {{P.data(), n2 * kBlock * F}, {dP.data(), n2 * kBlock * F}, {cs.data(), n2 * kBlock * F},
-                           {xb.data(), kBlock * dp * F}, {xn.data(), kBlock * F}};
-  stage1_sweeps(g, win, TB, bufs, P.data(), dP.data(), D1.data(), block, grad);
+  stage1_sweeps(g, win, TB, bufs, D1.data(), block, grad);
   // ---- anchors: both stages contributed to dA (gradient w.r.t. a_hat)
   for (int64_t i = 0; i < n2; ++i) {
     acc_t* dar = dA.data() + i * dp;
