@@ -587,6 +587,11 @@ static void gemm(int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t a
                  int64_t ldb, T* C, int64_t ldc, bool accumulate) {
   constexpr int MR = 4;
   int64_t i = 0;
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<T, float>::value)  // 8-row tiles, as gemm_op's
+    for (; i + 2 * MR <= M; i += 2 * MR)
+      gemm_rows<2 * MR, T>(N, K, alpha, A + i * ars, ars, acs, B, ldb, C + i * ldc, ldc, accumulate);
+#endif
   for (; i + MR <= M; i += MR) gemm_rows<MR, T>(N, K, alpha, A + i * ars, ars, acs, B, ldb, C + i * ldc, ldc, accumulate);
   switch (M - i) {
     case 3: gemm_rows<3, T>(N, K, alpha, A + i * ars, ars, acs, B, ldb, C + i * ldc, ldc, accumulate); break;
@@ -686,6 +691,11 @@ static void gemm_op(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, co
 #endif
   constexpr int MR = 4;
   int64_t i = 0;
+#if GRL_ISA_LEVEL >= 2
+  if constexpr (std::is_same<T, float>::value)  // 8 x 32 tiles: 16 zmm accumulators hide the FMA latency
+    for (; i + 2 * MR <= M; i += 2 * MR)
+      row_tiles<2 * MR, T, acc_t>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
+#endif
   for (; i + MR <= M; i += MR) row_tiles<MR, T, acc_t>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate);
   switch (M - i) {
     case 3: row_tiles<3, T, acc_t>(N, K, A + i * lda, lda, B, ldb, C + i * ldc, ldc, accumulate); break;
