@@ -485,8 +485,8 @@ struct BlockBuf {
 // amplifies in every dS of the row (anchor gradients at tau 100: 10-40x the reference's error).
 // Windows whose blocks fit kStage1CacheFloats keep the first sweep's buffers (per-task scratch,
 // <= 512 KB, L2-resident; GRL-T/S stripes 8 x 64 with f = 4: 32 x 512 per window) and the
-// second sweep reads them instead of recomputing: each block fills its own slot of that cache
-// (zeroed, as the task's buffers start), so nothing is copied in or out.
+// second sweep reads them instead of recomputing: each block fills its own slot of that cache,
+// so nothing is copied in or out.
 template <typename acc_t, int NB, typename Block, typename Grad>
 GRL_INLINE void stage1_sweeps(const StripeGeom& g, int64_t win, TokenBlock& TB, const BlockBuf (&bufs)[NB],
                               acc_t* D1, const Block& block, const Grad& grad) {
@@ -495,7 +495,11 @@ GRL_INLINE void stage1_sweeps(const StripeGeom& g, int64_t win, TokenBlock& TB, 
   void* buf[NB];
   for (int k = 0; k < NB; ++k) per_block += bufs[k].bytes, buf[k] = bufs[k].home;
   const bool cached = nblocks * per_block <= kStage1CacheFloats * static_cast<int64_t>(sizeof(acc_t));
-  std::vector<char> cache(cached ? nblocks * per_block : 0);
+  // The cache lives per thread (<= 512 KB, kept between tasks and calls), not zeroed: a block
+  // writes every entry of its slot that the gradients read (the pads they read too: K pad rows,
+  // zero tile columns), so stale bytes reach only pad outputs that are never stored.
+  thread_local std::vector<char> cache;
+  if (cached && static_cast<int64_t>(cache.size()) < nblocks * per_block) cache.resize(nblocks * per_block);
   auto bind = [&](int64_t blk) {  // buf -> the block's slot of the cache
     char* base = cache.data() + blk * per_block;
     for (int k = 0; k < NB; ++k) buf[k] = base, base += bufs[k].bytes;
