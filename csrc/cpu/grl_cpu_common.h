@@ -191,8 +191,10 @@ std::unordered_map<std::string, int64_t> block_cache_stats(bool reset_peak);
 // `madvise` or `always`; a no-op elsewhere and with GRL_KERNELS_HUGEPAGES=0). A fresh buffer
 // of more than glibc's mmap threshold (32 MiB at most) is new anonymous memory: the kernels'
 // first writes then fault it in 4 KiB at a time (a float32 stripe backward of GRL-T's blocks at
-// 256 x 256: ~12k faults, 8-10 % of its time). MADV_HUGEPAGE on the 2 MiB-aligned interior lets
-// each fault map 2 MiB. Memory the allocator reuses is already mapped and only advised again.
+// 256 x 256: ~12k faults, 10-15 % of a one-thread backward). MADV_HUGEPAGE on the 2 MiB-aligned
+// interior lets each fault map 2 MiB. Memory the allocator reuses is already mapped and only
+// advised again. (On VMs whose balloon reports free pages, fresh huge pages cost more for the
+// first calls of a process: docs/compiled.md.)
 inline void advise_huge_pages(const at::Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   static const bool enabled = [] {

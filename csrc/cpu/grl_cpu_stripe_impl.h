@@ -483,7 +483,7 @@ struct BlockBuf {
 // D1 = sum_j P dP over the recomputed rows (as the reference's softmax backward), in a first
 // sweep: dZ . Z (Z from the forward's online softmax) differs from it by rounding that tau1
 // amplifies in every dS of the row (anchor gradients at tau 100: 10-40x the reference's error).
-// Windows whose blocks fit kStage1CacheFloats keep the first sweep's buffers (per-task scratch,
+// Windows whose blocks fit kStage1CacheFloats keep the first sweep's buffers (per-thread scratch,
 // <= 512 KB, L2-resident; GRL-T/S stripes 8 x 64 with f = 4: 32 x 512 per window) and the
 // second sweep reads them instead of recomputing: each block fills its own slot of that cache,
 // so nothing is copied in or out.
